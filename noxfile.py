@@ -1,0 +1,41 @@
+"""Developer sessions. `nox -s tests` runs the whole suite in its own virtualenv."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests. Brokers come from MSGKIT_*_URL, Docker, or are skipped."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy --strict."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", "src", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("mypy", "src")
+
+
+@nox.session(python=PYTHON)
+def quickstart(session: nox.Session) -> None:
+    """Run examples/quickstart.py on memory://."""
+    session.install("-e", ".")
+    session.run("python", "examples/quickstart.py", env={"MSGKIT_URL": "memory://"})
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Engine throughput on memory:// (benchmarks/engine.py); pass options after --."""
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.engine", *session.posargs)

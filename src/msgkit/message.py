@@ -1,0 +1,183 @@
+"""Messages going out, deliveries coming in, and the outcomes that settle them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeAlias
+
+#: Header names msgkit writes on dead letters. Values are strings like every header.
+DLQ_REASON: Final = "msgkit-dlq-reason"
+DLQ_ERROR_TYPE: Final = "msgkit-dlq-error-type"
+DLQ_ATTEMPTS: Final = "msgkit-dlq-attempts"
+DLQ_TOPIC: Final = "msgkit-dlq-topic"
+DLQ_GROUP: Final = "msgkit-dlq-group"
+DLQ_FAILED_AT: Final = "msgkit-dlq-failed-at"
+DLQ_HOST: Final = "msgkit-dlq-host"
+
+#: Longest error text kept in a dead letter's reason header.
+MAX_REASON_LENGTH: Final = 1000
+
+_HOST = socket.gethostname()
+
+
+def new_message_id() -> str:
+    """A UUIDv7 string: time-ordered to the millisecond, 74 random bits, safe across fork."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (millis & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | ((rand >> 62) & 0xFFF) << 64
+        | 0b10 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as it travels: an id kept end to end, a body of bytes, string headers, a key.
+
+    ``key`` orders and partitions: messages with the same key are delivered and (with
+    ``ordered_by_key``) handled one after another. ``timestamp`` is seconds since the epoch.
+    """
+
+    body: bytes
+    id: str = field(default_factory=new_message_id)
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(
+        cls,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the field's name
+    ) -> Message:
+        """A message whose body is encoded like ``send`` encodes it (bytes as is, else JSON)."""
+        from msgkit.codec import encode_body
+
+        return cls(
+            body=encode_body(body),
+            id=new_message_id() if id is None else id,
+            key=key,
+            headers={} if headers is None else headers,
+        )
+
+    def size(self) -> int:
+        """Bytes this message takes on the wire, roughly: body, id, key and headers."""
+        n = len(self.body) + len(self.id)
+        if self.key is not None:
+            n += len(self.key.encode())
+        for name, value in self.headers.items():
+            n += len(name.encode()) + len(value.encode())
+        return n
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, key={self.key!r}, body=<{len(self.body)} bytes>, headers={len(self.headers)})"
+
+
+class Delivery:
+    """One delivery of a message to a consumer group.
+
+    ``attempt`` is 1 on the first delivery and grows with each redelivery; it comes from broker
+    data where the broker keeps it, so it holds across consumers and restarts. ``receipt`` is
+    the transport's own handle for settling; treat it as opaque.
+    """
+
+    __slots__ = ("message", "topic", "group", "attempt", "receipt")
+
+    def __init__(self, message: Message, topic: str, group: str, attempt: int, receipt: Any) -> None:
+        self.message = message
+        self.topic = topic
+        self.group = group
+        self.attempt = attempt
+        self.receipt = receipt
+
+    @property
+    def id(self) -> str:
+        return self.message.id
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+    @property
+    def key(self) -> str | None:
+        return self.message.key
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.message.headers
+
+    def __repr__(self) -> str:
+        return (
+            f"Delivery(id={self.message.id!r}, topic={self.topic!r}, group={self.group!r}, "
+            f"attempt={self.attempt}, key={self.message.key!r})"
+        )
+
+
+class Ack:
+    """The handler finished: remove the message for this group."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ACK"
+
+
+ACK: Final = Ack()
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Redeliver the message after ``delay`` seconds (0: as soon as possible)."""
+
+    delay: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Move the message to the group's dead letters with ``headers`` added, then remove it."""
+
+    reason: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Outcome: TypeAlias = Ack | Retry | DeadLetter
+
+
+def dead_letter(delivery: Delivery, reason: str, error: BaseException | None = None) -> DeadLetter:
+    """The outcome that dead-letters ``delivery``, with the headers that say why."""
+    reason = reason[:MAX_REASON_LENGTH]
+    headers = {
+        DLQ_REASON: reason,
+        DLQ_ERROR_TYPE: type(error).__qualname__ if error is not None else "",
+        DLQ_ATTEMPTS: str(delivery.attempt),
+        DLQ_TOPIC: delivery.topic,
+        DLQ_GROUP: delivery.group,
+        DLQ_FAILED_AT: f"{time.time():.3f}",
+        DLQ_HOST: _HOST,
+    }
+    return DeadLetter(reason, headers)
+
+
+def dead_letter_message(delivery: Delivery, outcome: DeadLetter) -> Message:
+    """The message a transport stores in the dead letters: same id, body and key, headers added."""
+    message = delivery.message
+    return Message(
+        body=message.body,
+        id=message.id,
+        key=message.key,
+        headers={**message.headers, **outcome.headers},
+        timestamp=message.timestamp,
+    )

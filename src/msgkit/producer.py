@@ -1,0 +1,81 @@
+"""Sending: encode bodies, check sizes and names before anything reaches the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from msgkit.codec import encode_body
+from msgkit.errors import MessageTooLargeError
+from msgkit.message import Message, new_message_id
+from msgkit.names import check_name
+from msgkit.transports.base import Transport
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(
+                f"headers must map str to str; got {type(name).__name__} -> {type(value).__name__} for {name!r}"
+            )
+
+
+class Producer:
+    """Sends to a transport. Use it through :meth:`msgkit.Broker.send` and ``send_batch``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._max_size = transport.capabilities.max_message_size
+
+    def build(
+        self,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> Message:
+        """Encode and check one message without sending it."""
+        if key is not None and type(key) is not str:
+            raise TypeError(f"key must be a string or None, got {type(key).__name__}")
+        if message_id is not None and (type(message_id) is not str or not message_id):
+            raise TypeError("message_id must be a non-empty string or None")
+        if headers:
+            _check_headers(headers)
+            headers = dict(headers)
+        message = Message(
+            body=encode_body(body),
+            id=message_id or new_message_id(),
+            key=key,
+            headers=headers or {},
+        )
+        self._check_size(message)
+        return message
+
+    def _check_size(self, message: Message) -> None:
+        if len(message.body) > self._max_size or message.size() > self._max_size:
+            raise MessageTooLargeError(
+                f"message {message.id} is {message.size()} bytes; this transport accepts at most "
+                f"{self._max_size} bytes (body, id, key and headers together)"
+            )
+
+    async def send(self, topic: str, message: Message) -> str:
+        check_name("topic", topic)
+        await self._transport.publish(topic, (message,))
+        return message.id
+
+    async def send_batch(self, topic: str, items: Iterable[object]) -> list[str]:
+        check_name("topic", topic)
+        messages: list[Message] = []
+        for item in items:
+            if isinstance(item, Message):
+                if type(item.body) is not bytes:
+                    raise TypeError("Message.body must be bytes; build the message with Message.of(body, ...)")
+                if item.headers:
+                    _check_headers(item.headers)
+                self._check_size(item)
+                messages.append(item)
+            else:
+                messages.append(self.build(item))
+        if messages:
+            await self._transport.publish(topic, messages)
+        return [m.id for m in messages]
