@@ -375,7 +375,9 @@ class Consumer:
     def _complete(self, delivery: Delivery, outcome: Outcome) -> None:
         pending = self._pending
         pending.append((delivery, outcome))
-        if len(pending) >= self._batch_size or len(pending) + self._settling >= self._in_flight:
+        if self._flush_requested:
+            pass
+        elif len(pending) >= self._batch_size or len(pending) + self._settling >= self._in_flight:
             self._wake_flusher()
         elif self._flush_timer is None:
             assert self._loop is not None

@@ -24,19 +24,43 @@ MAX_REASON_LENGTH: Final = 1000
 _HOST = socket.gethostname()
 
 
+class _IdState:
+    """Per-process state of :func:`new_message_id`, renewed in a forked child."""
+
+    def __init__(self) -> None:
+        seed = int.from_bytes(os.urandom(10), "big")
+        # 2 variant bits (10) and 30 random bits: the fixed middle of every id of this process
+        self.middle = f"{0x8000_0000 | (seed & 0x3FFF_FFFF):08x}"
+        self.middle = f"{self.middle[:4]}-{self.middle[4:]}"
+        self.counter = seed >> 30  # 44 random bits to start from
+        self.millis = -1
+        self.prefix = ""
+
+
+_ids = _IdState()
+
+
+def _renew_ids() -> None:
+    global _ids
+    _ids = _IdState()
+
+
+os.register_at_fork(after_in_child=_renew_ids)
+
+
 def new_message_id() -> str:
-    """A UUIDv7 string: time-ordered to the millisecond, 74 random bits, safe across fork."""
+    """A UUIDv7 string (RFC 9562): millisecond time, then a 44-bit counter that starts at a random
+    value, and 30 random bits fixed per process. Ids of one process increase; a forked child gets
+    fresh random bits, so ids never repeat across processes in practice.
+    """
+    state = _ids
     millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (
-        (millis & 0xFFFF_FFFF_FFFF) << 80
-        | 0x7 << 76
-        | ((rand >> 62) & 0xFFF) << 64
-        | 0b10 << 62
-        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    if millis != state.millis:
+        state.millis = millis
+        t = f"{millis & 0xFFFF_FFFF_FFFF:012x}"
+        state.prefix = f"{t[:8]}-{t[8:]}-7"
+    counter = state.counter = (state.counter + 1) & 0xFFF_FFFF_FFFF
+    return f"{state.prefix}{counter >> 32:03x}-{state.middle}{counter & 0xFFFF_FFFF:08x}"
 
 
 @dataclass(frozen=True, slots=True)

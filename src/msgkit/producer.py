@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
 from msgkit.codec import encode_body
@@ -42,17 +43,12 @@ class Producer:
         if headers:
             _check_headers(headers)
             headers = dict(headers)
-        message = Message(
-            body=encode_body(body),
-            id=message_id or new_message_id(),
-            key=key,
-            headers=headers or {},
-        )
+        message = Message(encode_body(body), message_id or new_message_id(), key, headers or {}, time.time())
         self._check_size(message)
         return message
 
     def _check_size(self, message: Message) -> None:
-        if len(message.body) > self._max_size or message.size() > self._max_size:
+        if message.size() > self._max_size:
             raise MessageTooLargeError(
                 f"message {message.id} is {message.size()} bytes; this transport accepts at most "
                 f"{self._max_size} bytes (body, id, key and headers together)"
@@ -75,7 +71,11 @@ class Producer:
                 self._check_size(item)
                 messages.append(item)
             else:
-                messages.append(self.build(item))
+                body = encode_body(item)
+                message = Message(body, new_message_id(), None, {}, time.time())
+                if len(body) + 36 > self._max_size:
+                    self._check_size(message)
+                messages.append(message)
         if messages:
             await self._transport.publish(topic, messages)
         return [m.id for m in messages]

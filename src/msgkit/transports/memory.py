@@ -66,7 +66,7 @@ class _Topic:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.log: deque[Message] = deque()
+        self.log: list[Message] = []  # a list: O(1) reads at any offset; trimmed in bulk
         self.base = 0  # offset of log[0]
         self.groups: dict[str, _Group] = {}
 
@@ -80,10 +80,9 @@ class _Topic:
             trim_to = self.end - history
             if self.groups:
                 trim_to = min(trim_to, min(g.cursor for g in self.groups.values()))
-            log = self.log
-            for _ in range(trim_to - self.base):
-                log.popleft()
-            self.base = max(self.base, trim_to)
+            if trim_to > self.base:
+                del self.log[: trim_to - self.base]
+                self.base = trim_to
         for group in self.groups.values():
             group.wake(len(messages))
 
@@ -139,14 +138,13 @@ class _Group:
             start = self.cursor - topic.base
             stop = min(start + want, len(topic.log))
             if stop > start:
-                log = topic.log
-                for i in range(start, stop):
-                    entry = _Entry(log[i])
+                for message in topic.log[start:stop]:
+                    entry = _Entry(message)
                     entry.deliveries = 1
                     entry.owner = owner
                     lease = next(leases)
                     lease_map[lease] = entry
-                    out.append(Delivery(entry.message, topic_name, group_name, 1, lease))
+                    out.append(Delivery(message, topic_name, group_name, 1, lease))
                 self.cursor += stop - start
         return out
 
