@@ -121,7 +121,9 @@ class Consumer:
         self._dead_letters = dead_letters
         self._max = settings.max_in_flight
         self._batch_size = min(settings.settle_batch_size, settings.max_in_flight)
-        self._state: Literal["new", "running", "stopping", "stopped"] = "new"
+        self._state: Literal["new", "starting", "running", "stopping", "stopped"] = "new"
+        self._failure: BaseException | None = None
+        self._stopper: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
         self._in_flight = 0
         self._runnable: deque[Delivery] = deque()
@@ -161,20 +163,30 @@ class Consumer:
         """Subscribe and start consuming in the background."""
         if self._state != "new" and self._state != "stopped":
             raise StateError(f"consumer for {self.topic}/{self.group} is already {self._state}")
-        self._loop = asyncio.get_running_loop()
-        transport = await self._open_transport()
-        if self._dead_letters:
-            self._sub = await transport.subscribe_dead_letters(self.topic, self.group, prefetch=self._max)
-        else:
-            self._sub = await transport.subscribe(self.topic, self.group, prefetch=self._max)
+        previous, self._state = self._state, "starting"
+        try:
+            self._loop = asyncio.get_running_loop()
+            transport = await self._open_transport()
+            if self._dead_letters:
+                self._sub = await transport.subscribe_dead_letters(self.topic, self.group, prefetch=self._max)
+            else:
+                self._sub = await transport.subscribe(self.topic, self.group, prefetch=self._max)
+        except BaseException:
+            self._state = previous
+            raise
         self._state = "running"
+        self._failure = None
+        self._in_flight = self._settling = 0
         self._flush_requested = self._flusher_closing = False
         self._stopped = asyncio.Event()
         self._fetch_task = self._loop.create_task(self._fetch_loop(), name=f"msgkit-fetch-{self.topic}-{self.group}")
         self._flush_task = self._loop.create_task(self._flush_loop(), name=f"msgkit-settle-{self.topic}-{self.group}")
 
     async def run(self) -> None:
-        """Consume until :meth:`stop` is called; cancelling ``run`` stops gracefully too."""
+        """Consume until :meth:`stop` is called; cancelling ``run`` stops gracefully too.
+
+        Raises the error that ended consumption if it ended on its own (e.g. the transport closed).
+        """
         await self.start()
         assert self._stopped is not None
         try:
@@ -182,6 +194,8 @@ class Consumer:
         except asyncio.CancelledError:
             await asyncio.shield(self.stop())
             raise
+        if self._failure is not None:
+            raise self._failure
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: fetch no more, release what has not started, let running handlers
@@ -257,8 +271,17 @@ class Consumer:
                 continue
             try:
                 batch = await sub.fetch(free, self.settings.fetch_timeout)
-            except (asyncio.CancelledError, ClosedError):
+            except asyncio.CancelledError:
                 raise
+            except ClosedError as exc:
+                if self._state != "running":
+                    return
+                logger.error(
+                    "subscription of %s/%s closed under the consumer (%s); stopping", self.topic, self.group, exc
+                )
+                self.last_error = self._failure = exc
+                self._stopper = self._loop.create_task(self.stop())
+                return
             except Exception as exc:
                 self.last_error = exc
                 logger.warning(

@@ -430,3 +430,52 @@ async def test_context_of_one_message_does_not_leak_into_the_next(broker: msgkit
     assert seen == ["unset"] * 4
     # each handler saw its own middleware's value, and no reset failed (no redelivery)
     assert handled == [(1, True)] * 4
+
+
+async def test_run_raises_when_the_subscription_closes_under_it(broker: msgkit.Broker) -> None:
+    async def handle(body: bytes) -> None:
+        pass
+
+    consumer = broker.consumer("t", "g", handle)
+    running = asyncio.create_task(consumer.run())
+    await eventually(lambda: consumer.running)
+    await broker.transport.close()  # the broker side goes away without the consumer stopping
+    with pytest.raises(msgkit.ClosedError):
+        await asyncio.wait_for(running, 5)
+    assert not consumer.running
+    assert isinstance(consumer.last_error, msgkit.ClosedError)
+
+
+async def test_fetch_errors_are_retried_with_backoff_and_surfaced(broker: msgkit.Broker) -> None:
+    transport = broker.transport
+    assert isinstance(transport, MemoryTransport)
+    await broker.declare("t", "g")
+    await broker.send("t", b"x")
+    failures = 2
+    original = MemorySubscription.fetch
+
+    async def flaky(self: MemorySubscription, max_count: int, timeout: float) -> Sequence[msgkit.Delivery]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise msgkit.BrokerUnavailableError("broker down")
+        return await original(self, max_count, timeout)
+
+    MemorySubscription.fetch = flaky  # type: ignore[method-assign]
+    try:
+        got = asyncio.Event()
+        errors: list[BaseException | None] = []
+
+        async def handle(body: bytes) -> None:
+            got.set()
+
+        consumer = broker.consumer("t", "g", handle)
+        await consumer.start()
+        await eventually(lambda: consumer.last_error is not None, what="the outage surfaced")
+        errors.append(consumer.last_error)
+        await wait_for(got.wait())
+        await consumer.stop()
+    finally:
+        MemorySubscription.fetch = original  # type: ignore[method-assign]
+    assert isinstance(errors[0], msgkit.BrokerUnavailableError)
+    assert failures == 0
