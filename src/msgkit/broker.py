@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from msgkit.config import redact_url, resolve_url
+from msgkit.config import TransportSettings, redact_url, resolve_url
 from msgkit.consumer import Consumer, ConsumerSettings, StateError
 from msgkit.errors import ClosedError, ConfigurationError
 from msgkit.handler import Handler, bind_handler
@@ -42,7 +42,9 @@ def _consumer_settings(settings: ConsumerSettings | None, options: Mapping[str, 
 class Broker:
     """A connection to one broker, chosen by URL, with the consumers that run on it.
 
-    The URL is ``url`` if given, else ``$MSGKIT_URL``, else ``memory://``. Use it as an async
+    The URL is ``url`` if given, else ``$MSGKIT_URL``, else ``memory://``. Transport options go in
+    the URL query or in ``settings`` (the transport's settings model, e.g.
+    ``msgkit.transports.memory.MemorySettings``), not both. Use it as an async
     context manager, or call :meth:`connect` and :meth:`close`::
 
         async with msgkit.Broker("amqp://guest:guest@localhost/") as broker:
@@ -51,9 +53,17 @@ class Broker:
     ``send`` connects on first use. A closed broker stays closed.
     """
 
-    def __init__(self, url: str | None = None, *, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: TransportSettings | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self._url = resolve_url(url)
-        self._transport = transport if transport is not None else transport_from_url(self._url)
+        if transport is not None and settings is not None:
+            raise ConfigurationError("pass a transport or settings for one, not both")
+        self._transport = transport if transport is not None else transport_from_url(self._url, settings)
         self._producer = Producer(self._transport)
         self._state: Literal["new", "connected", "closed"] = "new"
         self._connect_lock = asyncio.Lock()

@@ -76,9 +76,26 @@ def split_url(url: str) -> SplitResult:
     return parts
 
 
-def settings_from_url(model: type[SettingsT], url: str, **fixed: object) -> SettingsT:
-    """Validate ``url``'s query options (plus ``fixed`` values) into ``model``, with clear errors."""
+def settings_from_url(
+    model: type[SettingsT], url: str, settings: TransportSettings | None = None, **fixed: object
+) -> SettingsT:
+    """Validate ``url``'s query options (plus ``fixed`` values) into ``model``, with clear errors.
+
+    With ``settings`` (an instance of ``model``) the options come from it instead, and the URL
+    must carry none: options in two places would leave it unclear which one wins.
+    """
     parts = split_url(url)
+    if settings is not None:
+        if not isinstance(settings, model):
+            raise ConfigurationError(
+                f"{parts.scheme}:// takes {model.__name__} settings, not {type(settings).__name__}"
+            )
+        if parts.query:
+            raise ConfigurationError(
+                f"give {parts.scheme}:// options in the URL query or in a settings object, not both "
+                f"({redact_url(url)!r})"
+            )
+        return settings
     options: dict[str, object] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name in options:

@@ -131,3 +131,19 @@ def test_consumer_options_are_validated() -> None:
         broker.consumer("t", "g", handle, prefetch=3)
     with pytest.raises(msgkit.ConfigurationError, match="not both"):
         broker.consumer("t", "g", handle, settings=msgkit.ConsumerSettings(), max_in_flight=3)
+
+
+def test_options_from_a_settings_object() -> None:
+    from msgkit.transports.memory import MemorySettings
+
+    broker = msgkit.Broker("memory://s", settings=MemorySettings(visibility_timeout=4, history=5))
+    transport = broker.transport
+    assert isinstance(transport, MemoryTransport)
+    assert transport.settings.visibility_timeout == 4
+    assert broker.capabilities.consumer_loss_redelivery == 4
+    with pytest.raises(msgkit.ConfigurationError, match="not both"):
+        msgkit.Broker("memory://s?history=3", settings=MemorySettings())
+    with pytest.raises(msgkit.ConfigurationError, match="takes MemorySettings settings, not _Secretive"):
+        msgkit.Broker("memory://s", settings=_Secretive())
+    with pytest.raises(Exception, match="frozen"):
+        transport.settings.history = 1  # type: ignore[misc]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from msgkit.config import TransportSettings
 from msgkit.message import Delivery, Message, Outcome
 
 
@@ -88,8 +89,13 @@ class Transport(ABC):
 
     @classmethod
     @abstractmethod
-    def from_url(cls, url: str) -> Transport:
-        """Build (not connect) a transport from a URL; raise ConfigurationError when it is wrong."""
+    def from_url(cls, url: str, settings: TransportSettings | None = None) -> Transport:
+        """Build (not connect) a transport from a URL; raise ConfigurationError when it is wrong.
+
+        Options come from the URL query, or from ``settings`` (the transport's own
+        :class:`~msgkit.config.TransportSettings` subclass) when given; see
+        :func:`msgkit.config.settings_from_url`.
+        """
 
     @property
     @abstractmethod

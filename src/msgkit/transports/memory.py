@@ -301,7 +301,7 @@ class MemoryTransport(Transport):
         )
 
     @classmethod
-    def from_url(cls, url: str) -> MemoryTransport:
+    def from_url(cls, url: str, settings: TransportSettings | None = None) -> MemoryTransport:
         parts = split_url(url)
         if parts.scheme.lower() != "memory":
             raise ConfigurationError(f"MemoryTransport serves memory:// URLs, not {parts.scheme}://")
@@ -309,7 +309,7 @@ class MemoryTransport(Transport):
             raise ConfigurationError(f"memory:// URLs take a name, not a path: memory://NAME (got path {parts.path!r})")
         if parts.username or parts.password or parts.port:
             raise ConfigurationError("memory:// URLs take no user, password or port: memory://NAME?options")
-        return cls(parts.hostname or "", settings_from_url(MemorySettings, url))
+        return cls(parts.hostname or "", settings_from_url(MemorySettings, url, settings))
 
     def __repr__(self) -> str:
         return f"MemoryTransport(name={self.name!r})"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from msgkit.config import redact_url, split_url
+from msgkit.config import TransportSettings, redact_url, split_url
 from msgkit.errors import ConfigurationError, MissingDependencyError, UnknownSchemeError
 from msgkit.transports.base import Transport
 
@@ -69,11 +69,12 @@ def transport_class(scheme: str) -> type[Transport]:
     raise UnknownSchemeError(f"unknown URL scheme {scheme!r}; known schemes: {', '.join(known_schemes())}")
 
 
-def transport_from_url(url: str) -> Transport:
-    """Build (not connect) the transport that serves ``url``."""
+def transport_from_url(url: str, settings: TransportSettings | None = None) -> Transport:
+    """Build (not connect) the transport that serves ``url``, with ``settings`` if given."""
     parts = split_url(url)
     try:
-        return transport_class(parts.scheme).from_url(url)
+        cls = transport_class(parts.scheme)
+        return cls.from_url(url) if settings is None else cls.from_url(url, settings)
     except UnknownSchemeError:
         raise UnknownSchemeError(
             f"unknown URL scheme {parts.scheme!r} in {redact_url(url)!r}; known schemes: {', '.join(known_schemes())}"
