@@ -21,6 +21,7 @@ from msgkit.errors import (
 )
 from msgkit.message import ACK, Ack, DeadLetter, Delivery, Message, Outcome, Retry, new_message_id
 from msgkit.middleware import CallNext, Middleware
+from msgkit.middleware.retry import RetryPolicy
 from msgkit.transports.base import Capabilities, Subscription, Transport
 from msgkit.transports.registry import register_transport
 
@@ -51,6 +52,7 @@ __all__ = [
     "Reject",
     "Retry",
     "RetryLater",
+    "RetryPolicy",
     "StateError",
     "Subscription",
     "Transport",

@@ -212,15 +212,12 @@ class Broker:
         for mw in middleware:
             if not callable(mw):
                 raise TypeError(f"middleware {mw!r} is not callable")
-        call = compose(bind_handler(handler), middleware)
-        consumer = Consumer(
-            self._open,
-            topic,
-            group,
-            call,
-            _consumer_settings(settings, options),
-            dead_letters=dead_letters,
-        )
+        settings = _consumer_settings(settings, options)
+        chain = list(middleware)
+        if settings.retry is not None and not dead_letters:
+            chain.insert(0, settings.retry.middleware())
+        call = compose(bind_handler(handler), chain)
+        consumer = Consumer(self._open, topic, group, call, settings, dead_letters=dead_letters)
         self._consumers.append(consumer)
         return consumer
 

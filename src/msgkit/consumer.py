@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from msgkit.errors import ClosedError, DecodeError, MsgkitError, Reject, RetryLater
 from msgkit.handler import BoundHandler
 from msgkit.message import ACK, DeadLetter, Delivery, Outcome, Retry, dead_letter
+from msgkit.middleware.retry import RetryPolicy
 from msgkit.transports.base import Subscription, Transport
 
 logger = logging.getLogger("msgkit.consumer")
@@ -45,7 +46,8 @@ class ConsumerSettings(BaseModel):
         settle_interval: settle at least this often (seconds) while outcomes wait.
         fetch_timeout: how long one fetch call waits for messages (seconds).
         stop_timeout: how long a graceful stop lets running handlers finish (seconds).
-        max_attempts: a failing message is dead-lettered on this attempt (None: never).
+        retry: the retry policy, applied outermost around the middleware and handler. None
+            turns retrying off: a failed message is then redelivered at once, without limit.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -56,7 +58,7 @@ class ConsumerSettings(BaseModel):
     settle_interval: float = Field(0.05, gt=0, le=60)
     fetch_timeout: float = Field(1.0, gt=0, le=20)
     stop_timeout: float = Field(30.0, ge=0)
-    max_attempts: int | None = Field(10, ge=1)
+    retry: RetryPolicy | None = RetryPolicy()
 
 
 class StateError(MsgkitError, RuntimeError):
@@ -368,6 +370,8 @@ class Consumer:
         self._pump()
 
     def _outcome_for_error(self, delivery: Delivery, exc: Exception) -> Outcome:
+        """What an exception that escaped the middleware (no retry policy, or a failing
+        middleware) means: the same rules as the policy, without limits or delays."""
         if isinstance(exc, DecodeError):
             logger.warning(
                 "message %s on %s/%s is undecodable and goes to the dead letters: %s",
@@ -382,18 +386,14 @@ class Consumer:
         if isinstance(exc, RetryLater):
             return Retry(exc.delay, exc.reason)
         logger.error(
-            "handler failed on message %s of %s/%s (attempt %d)",
+            "handler failed on message %s of %s/%s (attempt %d); redelivering",
             delivery.message.id,
             delivery.topic,
             delivery.group,
             delivery.attempt,
             exc_info=exc,
         )
-        limit = self.settings.max_attempts
-        text = f"{type(exc).__name__}: {exc}"
-        if limit is not None and delivery.attempt >= limit:
-            return dead_letter(delivery, f"attempts exhausted ({delivery.attempt}); last error {text}", exc)
-        return Retry(0.0, text)
+        return Retry(0.0, f"{type(exc).__name__}: {exc}")
 
     def _complete(self, delivery: Delivery, outcome: Outcome) -> None:
         pending = self._pending

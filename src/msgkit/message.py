@@ -15,8 +15,13 @@ DLQ_ERROR_TYPE: Final = "msgkit-dlq-error-type"
 DLQ_ATTEMPTS: Final = "msgkit-dlq-attempts"
 DLQ_TOPIC: Final = "msgkit-dlq-topic"
 DLQ_GROUP: Final = "msgkit-dlq-group"
-DLQ_FAILED_AT: Final = "msgkit-dlq-failed-at"
+DLQ_FIRST_FAILED_AT: Final = "msgkit-dlq-first-failed-at"
+DLQ_LAST_FAILED_AT: Final = "msgkit-dlq-last-failed-at"
 DLQ_HOST: Final = "msgkit-dlq-host"
+
+#: Header a retried message carries, where the transport can rewrite headers on redelivery:
+#: when (epoch seconds) its first delivery failed.
+FIRST_FAILED_AT: Final = "msgkit-first-failed-at"
 
 #: Longest error text kept in a dead letter's reason header.
 MAX_REASON_LENGTH: Final = 1000
@@ -163,10 +168,15 @@ ACK: Final = Ack()
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Redeliver the message after ``delay`` seconds (0: as soon as possible)."""
+    """Redeliver the message after ``delay`` seconds (0: as soon as possible).
+
+    ``headers`` are set on the redelivered message where the transport can rewrite headers on
+    redelivery (it says so in its documentation); elsewhere they are dropped.
+    """
 
     delay: float = 0.0
     reason: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +190,42 @@ class DeadLetter:
 Outcome: TypeAlias = Ack | Retry | DeadLetter
 
 
-def dead_letter(delivery: Delivery, reason: str, error: BaseException | None = None) -> DeadLetter:
-    """The outcome that dead-letters ``delivery``, with the headers that say why."""
+def dead_letter(
+    delivery: Delivery,
+    reason: str,
+    error: BaseException | None = None,
+    first_failed_at: float | None = None,
+) -> DeadLetter:
+    """The outcome that dead-letters ``delivery``, with the headers that say why.
+
+    The first failure time is ``first_failed_at``, else the message's ``msgkit-first-failed-at``
+    header, else now.
+    """
     reason = reason[:MAX_REASON_LENGTH]
+    now = time.time()
+    if first_failed_at is None:
+        first_failed_at = _header_time(delivery, FIRST_FAILED_AT, now)
     headers = {
         DLQ_REASON: reason,
         DLQ_ERROR_TYPE: type(error).__qualname__ if error is not None else "",
         DLQ_ATTEMPTS: str(delivery.attempt),
         DLQ_TOPIC: delivery.topic,
         DLQ_GROUP: delivery.group,
-        DLQ_FAILED_AT: f"{time.time():.3f}",
+        DLQ_FIRST_FAILED_AT: f"{first_failed_at:.3f}",
+        DLQ_LAST_FAILED_AT: f"{now:.3f}",
         DLQ_HOST: _HOST,
     }
     return DeadLetter(reason, headers)
+
+
+def _header_time(delivery: Delivery, name: str, default: float) -> float:
+    value = delivery.message.headers.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return default
 
 
 def dead_letter_message(delivery: Delivery, outcome: DeadLetter) -> Message:

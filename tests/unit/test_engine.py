@@ -280,7 +280,7 @@ async def test_failed_handler_is_redelivered_then_dead_lettered(broker: msgkit.B
         attempts.append(delivery.attempt)
         raise RuntimeError("always fails")
 
-    consumer = broker.consumer("t", "g", failing, max_attempts=3)
+    consumer = broker.consumer("t", "g", failing, retry=msgkit.RetryPolicy(max_attempts=3, initial_delay=0))
     await consumer.start()
     dead: list[msgkit.Delivery] = []
 
@@ -294,7 +294,7 @@ async def test_failed_handler_is_redelivered_then_dead_lettered(broker: msgkit.B
     await reader.stop()
     assert attempts == [1, 2, 3]
     assert dead[0].id == msg_id
-    assert "attempts exhausted (3)" in dead[0].headers[DLQ_REASON]
+    assert "attempts exhausted (3 of 3)" in dead[0].headers[DLQ_REASON]
     assert "RuntimeError: always fails" in dead[0].headers[DLQ_REASON]
 
 

@@ -233,6 +233,9 @@ class MemorySubscription(Subscription):
                 delay = 0.0  # dead letters of dead letters stay where they are
             else:
                 delay = outcome.delay
+                if outcome.headers:  # memory can rewrite headers on redelivery
+                    m = entry.message
+                    entry.message = Message(m.body, m.id, m.key, {**m.headers, **outcome.headers}, m.timestamp)
             if delay <= 0:
                 group.ready.append(entry)
                 redelivered += 1
