@@ -5,6 +5,7 @@ The public API is what this module exports; everything else is internal.
 
 from msgkit.broker import Broker
 from msgkit.consumer import Consumer, ConsumerSettings, StateError
+from msgkit.dlq import DeadLetterInfo, DeadLetters
 from msgkit.errors import (
     BrokerUnavailableError,
     ClosedError,
@@ -39,6 +40,8 @@ __all__ = [
     "Consumer",
     "ConsumerSettings",
     "DeadLetter",
+    "DeadLetterInfo",
+    "DeadLetters",
     "DecodeError",
     "Delivery",
     "HandlerSignatureError",

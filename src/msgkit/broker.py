@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from msgkit.config import TransportSettings, redact_url, resolve_url
 from msgkit.consumer import Consumer, ConsumerSettings, StateError
+from msgkit.dlq import DeadLetters
 from msgkit.errors import ClosedError, ConfigurationError
 from msgkit.handler import Handler, bind_handler
 from msgkit.middleware import Middleware, compose
@@ -220,6 +221,13 @@ class Broker:
         consumer = Consumer(self._open, topic, group, call, settings, dead_letters=dead_letters)
         self._consumers.append(consumer)
         return consumer
+
+    async def dead_letters(self, topic: str, group: str, *, wait: float = 2.0) -> DeadLetters:
+        """Tooling for the dead letters of (topic, group): peek, show, replay, purge.
+
+        ``wait`` is how long a look waits for the first dead letter before concluding there is none.
+        """
+        return DeadLetters(await self._open(), topic, group, wait)
 
     def subscriber(
         self,
