@@ -23,6 +23,8 @@ ENTRY_POINT_GROUP = "msgkit.transports"
 # scheme -> (module, class name, pip extra that brings its client library, that library's module)
 _BUILTIN: dict[str, tuple[str, str, str | None, str | None]] = {
     "memory": ("msgkit.transports.memory", "MemoryTransport", None, None),
+    "redis": ("msgkit.transports.redis", "RedisTransport", "redis", "redis"),
+    "rediss": ("msgkit.transports.redis", "RedisTransport", "redis", "redis"),
 }
 
 _registered: dict[str, type[Transport]] = {}
