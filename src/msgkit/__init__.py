@@ -1,7 +1,12 @@
 """msgkit: one async API for messaging over RabbitMQ, Redis Streams, Kafka, SQS and memory.
 
-The public API is what this module exports; everything else is internal.
+The public API is what this module exports; everything else is internal. Names whose module
+needs an optional extra (SQLAlchemy for the inbox and outbox, redis for the Redis store) load
+on first use, so ``import msgkit`` needs pydantic only.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from msgkit.broker import Broker
 from msgkit.consumer import Consumer, ConsumerSettings, StateError
@@ -22,9 +27,33 @@ from msgkit.errors import (
 )
 from msgkit.message import ACK, Ack, DeadLetter, Delivery, Message, Outcome, Retry, new_message_id
 from msgkit.middleware import CallNext, Middleware
+from msgkit.middleware.idempotency import Idempotency
 from msgkit.middleware.retry import RetryPolicy
+from msgkit.stores import Claim, ClaimStatus, DedupStore, MemoryDedupStore
 from msgkit.transports.base import Capabilities, Subscription, Transport
 from msgkit.transports.registry import register_transport
+
+if TYPE_CHECKING:
+    from msgkit.outbox import Inbox, Outbox, OutboxRelay, RelaySettings
+    from msgkit.stores.redis import RedisDedupStore
+    from msgkit.stores.sql import SqlDedupStore
+
+_LAZY = {
+    "Inbox": "msgkit.outbox",
+    "Outbox": "msgkit.outbox",
+    "OutboxRelay": "msgkit.outbox",
+    "RelaySettings": "msgkit.outbox",
+    "RedisDedupStore": "msgkit.stores.redis",
+    "SqlDedupStore": "msgkit.stores.sql",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'msgkit' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __version__ = "0.1.0"
 
@@ -35,6 +64,8 @@ __all__ = [
     "BrokerUnavailableError",
     "CallNext",
     "Capabilities",
+    "Claim",
+    "ClaimStatus",
     "ClosedError",
     "ConfigurationError",
     "Consumer",
@@ -43,19 +74,28 @@ __all__ = [
     "DeadLetterInfo",
     "DeadLetters",
     "DecodeError",
+    "DedupStore",
     "Delivery",
     "HandlerSignatureError",
+    "Idempotency",
+    "Inbox",
+    "MemoryDedupStore",
     "Message",
     "MessageTooLargeError",
     "Middleware",
     "MissingDependencyError",
     "MsgkitError",
+    "Outbox",
+    "OutboxRelay",
     "Outcome",
     "PublishError",
+    "RedisDedupStore",
     "Reject",
+    "RelaySettings",
     "Retry",
     "RetryLater",
     "RetryPolicy",
+    "SqlDedupStore",
     "StateError",
     "Subscription",
     "Transport",

@@ -4,6 +4,8 @@
     msgkit dlq show    URL TOPIC GROUP ID [--json]
     msgkit dlq replay  URL TOPIC GROUP (ID... | --all) [--json]
     msgkit dlq purge   URL TOPIC GROUP (ID... | --all) [--yes] [--json]
+    msgkit outbox relay          DB_URL BROKER_URL [--batch-size N] [--poll-interval S] [--retention S]
+    msgkit outbox create-schema  DB_URL [--print]
 
 Exit codes: 0 done, 1 not found, 2 bad usage or configuration, 3 broker unreachable or failing.
 """
@@ -15,6 +17,8 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -71,7 +75,50 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="every dead letter of the group")
         if name == "purge":
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _outbox_parser(commands)
     return parser
+
+
+def _outbox_parser(commands: Any) -> None:
+    outbox = commands.add_parser(
+        "outbox",
+        help="run an outbox relay, or create the outbox tables",
+        description="The transactional outbox: messages a service added to its database's msgkit_outbox "
+        "table are published by relays. DB_URL is postgresql://user:pass@host/db or sqlite:///path/file.db.",
+    )
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    relay = actions.add_parser(
+        "relay",
+        help="publish the outbox of DB_URL to BROKER_URL until SIGINT or SIGTERM",
+        description="Publish committed outbox rows at-least-once, in order per key, then mark them sent. "
+        "Run several for availability: on PostgreSQL they share the work, on SQLite one publishes and the "
+        "others stand by.",
+    )
+    relay.add_argument("db_url", metavar="DB_URL", help="database URL")
+    relay.add_argument("broker_url", metavar="BROKER_URL", help="broker URL")
+    relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
+    relay.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between looks when no NOTIFY wakes the relay (default 1)",
+    )
+    relay.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep sent rows this long before deleting them (default 3600; 0 deletes them when sent)",
+    )
+    schema = actions.add_parser(
+        "create-schema",
+        help="create msgkit's tables (and PostgreSQL's NOTIFY trigger) where missing",
+        description="Create msgkit_outbox, msgkit_outbox_lock, msgkit_inbox and msgkit_dedup where missing. "
+        "With --print, print the DDL for your own migrations instead (nothing is executed).",
+    )
+    schema.add_argument("db_url", metavar="DB_URL", help="database URL")
+    schema.add_argument("--print", action="store_true", help="print the DDL instead of running it")
 
 
 def _when(ts: float | None) -> str:
@@ -181,12 +228,58 @@ async def _dlq(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO
         return EXIT_NOT_FOUND if missing else EXIT_OK
 
 
+async def _outbox(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        from msgkit.outbox import OutboxRelay, create_schema, schema_sql
+        from msgkit.outbox.db import async_url
+    except ImportError as exc:
+        print(f'msgkit outbox needs SQLAlchemy and a driver: pip install "msgkit[sql]" ({exc})', file=err)
+        return EXIT_USAGE
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if args.action == "create-schema":
+        if args.print:
+            backend = make_url(async_url(args.db_url)).get_backend_name()
+            if backend not in ("postgresql", "sqlite"):
+                print(f"msgkit outbox: PostgreSQL and SQLite are supported, not {backend!r}", file=err)
+                return EXIT_USAGE
+            print(";\n\n".join(schema_sql("postgresql" if backend == "postgresql" else "sqlite")) + ";", file=out)
+            return EXIT_OK
+        try:
+            await create_schema(args.db_url)
+        except SQLAlchemyError as exc:
+            print(f"msgkit outbox: database error: {type(exc).__name__}: {exc}", file=err)
+            return EXIT_BROKER
+        print("msgkit tables are in place", file=out)
+        return EXIT_OK
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=err, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    relay = OutboxRelay(
+        args.db_url,
+        args.broker_url,
+        batch_size=args.batch_size,
+        poll_interval=args.poll_interval,
+        retention=args.retention,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, relay.request_stop)
+    try:
+        await relay.run()
+    finally:
+        await relay.close()
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command line; return the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
     args = _parser().parse_args(argv)
     try:
+        if args.command == "outbox":
+            return asyncio.run(_outbox(args, out, err))
         return asyncio.run(_dlq(args, out, err, sys.stdin))
     except (ConfigurationError, ValueError, TypeError) as exc:
         print(f"msgkit: {exc}", file=err)
