@@ -135,6 +135,21 @@ async def test_closing_without_settling_redelivers_after_visibility_timeout(memo
 
 
 @pytest.mark.asyncio
+async def test_a_subscription_dropped_without_close_is_a_lost_consumer(memory_url: str) -> None:
+    import gc
+
+    t = MemoryTransport.from_url(memory_url)  # visibility_timeout=0.5
+    await t.publish("t", _msgs(b"x"))
+    dropped = await t.subscribe("t", "g", prefetch=1)
+    (lost,) = await dropped.fetch(1, 0.1)
+    del dropped
+    gc.collect()
+    survivor = await t.subscribe("t", "g", prefetch=1)
+    (again,) = await survivor.fetch(1, 2.0)
+    assert (again.id, again.attempt) == (lost.id, 2)
+
+
+@pytest.mark.asyncio
 async def test_fetch_after_close_raises(memory_url: str) -> None:
     t = MemoryTransport.from_url(memory_url)
     sub = await t.subscribe("t", "g", prefetch=1)

@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ class MemorySettings(TransportSettings):
     history: int = Field(100_000, ge=0)
 
 
+class _Owner:
+    """Who holds a lease: a token the subscription keeps, so leases do not keep it alive."""
+
+    __slots__ = ("__weakref__",)
+
+
 class _Entry:
     """A message as a group holds it: how often delivered, and under which lease now."""
 
@@ -47,7 +54,7 @@ class _Entry:
     def __init__(self, message: Message) -> None:
         self.message = message
         self.deliveries = 0
-        self.owner: MemorySubscription | None = None
+        self.owner: _Owner | None = None
 
 
 @dataclass(slots=True)
@@ -88,7 +95,7 @@ class _Topic:
 
 
 class _Group:
-    __slots__ = ("topic", "name", "cursor", "ready", "delayed", "leases", "waiters", "dead", "_seq")
+    __slots__ = ("topic", "name", "cursor", "ready", "delayed", "leases", "waiters", "dead", "orphaned", "_seq")
 
     def __init__(self, topic: _Topic, name: str, dead: _Topic | None) -> None:
         self.topic = topic
@@ -99,6 +106,7 @@ class _Group:
         self.leases: dict[int, _Entry] = {}
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.dead = dead
+        self.orphaned: list[tuple[_Owner, float]] = []  # owners gone without close(), with their timeout
         self._seq = itertools.count()
 
     def wake(self, count: int) -> None:
@@ -116,7 +124,17 @@ class _Group:
     def next_due(self) -> float | None:
         return self.delayed[0][0] if self.delayed else None
 
-    def take(self, max_count: int, owner: MemorySubscription, leases: itertools.count[int]) -> list[Delivery]:
+    def expire(self, owner: _Owner, visibility_timeout: float) -> None:
+        """The owner is gone without settling: its leases come back after the visibility timeout."""
+        for lease in [lease for lease, entry in self.leases.items() if entry.owner is owner]:
+            entry = self.leases.pop(lease)
+            entry.owner = None
+            self.delay(entry, visibility_timeout)
+
+    def take(self, max_count: int, owner: _Owner, leases: itertools.count[int]) -> list[Delivery]:
+        while self.orphaned:  # appended by a garbage-collected subscription's finalizer
+            gone, timeout = self.orphaned.pop()
+            self.expire(gone, timeout)
         delayed = self.delayed
         if delayed:
             now = time.monotonic()
@@ -188,6 +206,11 @@ class MemorySubscription(Subscription):
         self._group = group
         self._leases = leases
         self._closed = False
+        self._owner = _Owner()
+        # a subscription dropped without close() is a crashed consumer: its leases expire
+        self._finalizer = weakref.finalize(
+            self, group.orphaned.append, (self._owner, transport.settings.visibility_timeout)
+        )
 
     async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         group = self._group
@@ -196,7 +219,7 @@ class MemorySubscription(Subscription):
         while True:
             if self._closed:
                 raise ClosedError("subscription is closed")
-            batch = group.take(max_count, self, self._leases)
+            batch = group.take(max_count, self._owner, self._leases)
             if batch:
                 return batch
             now = loop.time()
@@ -221,7 +244,7 @@ class MemorySubscription(Subscription):
         redelivered = 0
         for delivery, outcome in settlements:
             entry = leases.pop(delivery.receipt, None)
-            if entry is None or entry.owner is not self:
+            if entry is None or entry.owner is not self._owner:
                 continue  # the lease expired and the message went to someone else
             entry.owner = None
             if isinstance(outcome, Ack):
@@ -252,7 +275,7 @@ class MemorySubscription(Subscription):
         released = 0
         for delivery in reversed(deliveries):
             entry = group.leases.pop(delivery.receipt, None)
-            if entry is None or entry.owner is not self:
+            if entry is None or entry.owner is not self._owner:
                 continue
             entry.owner = None
             entry.deliveries -= 1  # a release is not an attempt
@@ -266,12 +289,9 @@ class MemorySubscription(Subscription):
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         group = self._group
-        orphans = [lease for lease, entry in group.leases.items() if entry.owner is self]
-        for lease in orphans:
-            entry = group.leases.pop(lease)
-            entry.owner = None
-            group.delay(entry, self._transport.settings.visibility_timeout)
+        group.expire(self._owner, self._transport.settings.visibility_timeout)
         self._transport._subscriptions.discard(self)
         group.wake(len(group.waiters))
 
@@ -291,7 +311,7 @@ class MemoryTransport(Transport):
         self.settings = settings or MemorySettings()
         self._namespace = _namespaces.setdefault(name, _Namespace())
         self._closed = False
-        self._subscriptions: set[MemorySubscription] = set()
+        self._subscriptions: weakref.WeakSet[MemorySubscription] = weakref.WeakSet()
         self._capabilities = Capabilities(
             fan_out=True,
             replay_for_new_group=True,
