@@ -25,6 +25,8 @@ _BUILTIN: dict[str, tuple[str, str, str | None, str | None]] = {
     "memory": ("msgkit.transports.memory", "MemoryTransport", None, None),
     "redis": ("msgkit.transports.redis", "RedisTransport", "redis", "redis"),
     "rediss": ("msgkit.transports.redis", "RedisTransport", "redis", "redis"),
+    "amqp": ("msgkit.transports.rabbitmq", "RabbitMQTransport", "rabbitmq", "aio_pika"),
+    "amqps": ("msgkit.transports.rabbitmq", "RabbitMQTransport", "rabbitmq", "aio_pika"),
 }
 
 _registered: dict[str, type[Transport]] = {}
