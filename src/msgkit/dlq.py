@@ -34,6 +34,10 @@ from msgkit.names import check_name
 from msgkit.transports.base import Subscription, Transport
 
 _BATCH = 100
+#: Dead letters one look may hold at once (leased, unsettled): the broker's credit for the
+#: tooling. A peek, or a replay or purge of chosen ids, sees at most this many; a replay or purge
+#: of all settles as it goes and has no such limit.
+SCAN_LIMIT = 50_000
 #: Once dead letters are flowing, a fetch that waits this long for more means there are no more.
 _NEXT_FETCH_TIMEOUT = 0.25
 _DROPPED_ON_REPLAY = frozenset(
@@ -118,13 +122,13 @@ class DeadLetters:
         self.group = check_name("group", group)
 
     async def _open(self) -> Subscription:
-        return await self._transport.subscribe_dead_letters(self.topic, self.group, prefetch=_BATCH)
+        return await self._transport.subscribe_dead_letters(self.topic, self.group, prefetch=SCAN_LIMIT)
 
-    async def _fetch_all(self, sub: Subscription, limit: int | None) -> list[Delivery]:
+    async def _fetch_all(self, sub: Subscription, limit: int) -> list[Delivery]:
         """Lease dead letters until none are left (or ``limit``); the caller settles or releases them."""
         held: list[Delivery] = []
-        while limit is None or len(held) < limit:
-            want = _BATCH if limit is None else min(_BATCH, limit - len(held))
+        while len(held) < limit:
+            want = min(_BATCH, limit - len(held))
             batch = await sub.fetch(want, self._wait if not held else _NEXT_FETCH_TIMEOUT)
             if not batch:
                 break
@@ -132,7 +136,11 @@ class DeadLetters:
         return held
 
     async def peek(self, limit: int | None = 100) -> list[DeadLetterInfo]:
-        """The dead letters (the first ``limit``, None for all), oldest first, left in place."""
+        """The dead letters (the first ``limit``; None for all, up to :data:`SCAN_LIMIT`), oldest
+        first, left in place."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for all), got {limit}")
+        limit = SCAN_LIMIT if limit is None else min(limit, SCAN_LIMIT)
         sub = await self._open()
         try:
             held = await self._fetch_all(sub, limit)
@@ -209,7 +217,7 @@ class DeadLetters:
                     done_ids.update(d.message.id for d in chosen)
                     if progress is not None:
                         progress(len(done), None if wanted is None else len(wanted))
-                if wanted is not None and len(done) >= len(wanted):
+                if wanted is not None and (len(done) >= len(wanted) or len(keep) >= SCAN_LIMIT):
                     break
             await sub.release(keep)
         finally:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import msgkit
 from msgkit import Delivery, RetryPolicy
 from msgkit.message import (
     DLQ_ATTEMPTS,
@@ -155,3 +156,27 @@ async def test_replay_restores_dead_letters_exactly_once(msgkit_contract_url: st
         assert all(d.attempt == 1 for d in received.deliveries), "replayed messages must start at attempt 1"
         left = await tooling.peek(limit=None)
         assert [info.id for info in left] == [ids[2]]
+
+
+@pytest.mark.asyncio
+async def test_tooling_sees_more_dead_letters_than_one_batch(msgkit_contract_url: str) -> None:
+    async with contract_run(msgkit_contract_url) as run:
+        topic, group = run.names()
+        await run.broker.declare(topic, group)
+        ids = await run.broker.send_batch(topic, [b"poison %d" % i for i in range(150)])
+        rejected: set[str] = set()
+
+        async def handler(delivery: Delivery) -> None:
+            rejected.add(delivery.message.id)
+            raise msgkit.Reject("poison")
+
+        consumer = await run.start(topic, group, handler)
+        await eventually(lambda: len(rejected) == len(ids), what="all 150 rejected")
+        await eventually(lambda: consumer.in_flight == 0, what="all 150 settled")
+        await consumer.stop()
+        tooling = await run.broker.dead_letters(topic, group)
+        listed = await tooling.peek(limit=None)
+        assert sorted(info.id for info in listed) == sorted(ids)
+        chosen = ids[-3:]  # beyond the first batches the tooling fetches
+        assert sorted(await tooling.purge(chosen)) == sorted(chosen)
+        assert len(await tooling.peek(limit=None)) == 147
