@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -164,11 +165,19 @@ def _table(infos: Sequence[DeadLetterInfo], out: TextIO) -> None:
 
 
 def _progress(verb: str, err: TextIO) -> Any:
+    """A progress line on a terminal: a bar when the total is known, else a running count."""
     if not err.isatty():
         return None
+    started = time.monotonic()
 
     def show(done: int, total: int | None) -> None:
-        print(f"\r{verb} {done}{f'/{total}' if total else ''}", end="", file=err, flush=True)
+        rate = done / max(time.monotonic() - started, 1e-6)
+        if total:
+            filled = int(30 * min(done / total, 1.0))
+            line = f"{verb} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} ({rate:,.0f}/s)"
+        else:
+            line = f"{verb} {done} ({rate:,.0f}/s)"
+        print(f"\r{line}", end="", file=err, flush=True)
 
     return show
 

@@ -154,3 +154,19 @@ def test_cli_errors_are_clear_and_secret_free() -> None:
     with pytest.raises(SystemExit) as info:
         _cli("dlq", "frobnicate")
     assert info.value.code == 2
+
+
+def test_cli_progress_is_a_bar_on_a_terminal_and_silent_elsewhere() -> None:
+    from msgkit.cli import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    show = _progress("replayed", err)
+    show(5, 10)
+    show(7, None)
+    assert "replayed [###############...............] 5/10" in err.getvalue()
+    assert "\rreplayed 7 (" in err.getvalue()
+    assert _progress("replayed", io.StringIO()) is None
