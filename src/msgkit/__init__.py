@@ -29,6 +29,7 @@ from msgkit.message import ACK, Ack, DeadLetter, Delivery, Message, Outcome, Ret
 from msgkit.middleware import CallNext, Middleware
 from msgkit.middleware.idempotency import Idempotency
 from msgkit.middleware.retry import RetryPolicy
+from msgkit.producer import SendMiddleware
 from msgkit.stores import Claim, ClaimStatus, DedupStore, MemoryDedupStore
 from msgkit.transports.base import Capabilities, Subscription, Transport
 from msgkit.transports.registry import register_transport
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from msgkit.outbox import Inbox, Outbox, OutboxRelay, RelaySettings
     from msgkit.stores.redis import RedisDedupStore
     from msgkit.stores.sql import SqlDedupStore
+    from msgkit.telemetry import Telemetry, instrument
 
 _LAZY = {
     "Inbox": "msgkit.outbox",
@@ -45,6 +47,8 @@ _LAZY = {
     "RelaySettings": "msgkit.outbox",
     "RedisDedupStore": "msgkit.stores.redis",
     "SqlDedupStore": "msgkit.stores.sql",
+    "Telemetry": "msgkit.telemetry",
+    "instrument": "msgkit.telemetry",
 }
 
 
@@ -95,11 +99,14 @@ __all__ = [
     "Retry",
     "RetryLater",
     "RetryPolicy",
+    "SendMiddleware",
     "SqlDedupStore",
     "StateError",
     "Subscription",
+    "Telemetry",
     "Transport",
     "UnknownSchemeError",
+    "instrument",
     "new_message_id",
     "register_transport",
 ]

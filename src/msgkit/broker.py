@@ -17,7 +17,7 @@ from msgkit.errors import ClosedError, ConfigurationError
 from msgkit.handler import Handler, bind_handler
 from msgkit.middleware import Middleware, compose
 from msgkit.names import check_name
-from msgkit.producer import Producer
+from msgkit.producer import Producer, SendMiddleware
 from msgkit.transports.base import Capabilities, Transport
 from msgkit.transports.registry import transport_from_url
 
@@ -69,6 +69,8 @@ class Broker:
         self._state: Literal["new", "connected", "closed"] = "new"
         self._connect_lock = asyncio.Lock()
         self._consumers: list[Consumer] = []
+        self._outer: list[Middleware] = []  # broker-wide, outside each consumer's retry policy
+        self._inner: list[Middleware] = []  # broker-wide, inside it
         self._stop_requested: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -164,6 +166,32 @@ class Broker:
             await self.connect()
         return await self._producer.send_batch(topic, items)
 
+    # ------------------------------------------------------------------ broker-wide middleware
+
+    def add_send_middleware(self, middleware: SendMiddleware) -> None:
+        """Wrap every publish of this broker (``send``, ``send_batch``) in ``middleware``.
+
+        A send middleware is ``async def mw(topic, messages, publish) -> None``; the first added
+        runs outermost. :func:`msgkit.telemetry.instrument` uses it to start producer spans and
+        put trace context in headers.
+        """
+        self._producer.add_middleware(middleware)
+
+    def add_middleware(self, middleware: Middleware, *, outer: bool = False) -> None:
+        """Add ``middleware`` to every consumer built after this call, dead-letter consumers included.
+
+        It runs inside the consumer's retry policy, before the consumer's own middleware; with
+        ``outer=True`` it runs outside the retry policy and sees each delivery's final outcome.
+        Add broker-wide middleware before building consumers: adding it later is an error.
+        """
+        if not callable(middleware):
+            raise TypeError(f"middleware {middleware!r} is not callable")
+        if self._consumers:
+            raise StateError(
+                f"add broker-wide middleware before building consumers ({len(self._consumers)} already built)"
+            )
+        (self._outer if outer else self._inner).append(middleware)
+
     # ------------------------------------------------------------------ consuming
 
     def consumer(
@@ -214,9 +242,10 @@ class Broker:
             if not callable(mw):
                 raise TypeError(f"middleware {mw!r} is not callable")
         settings = _consumer_settings(settings, options)
-        chain = list(middleware)
+        chain = [*self._inner, *middleware]
         if settings.retry is not None and not dead_letters:
             chain.insert(0, settings.retry.middleware())
+        chain[:0] = self._outer
         call = compose(bind_handler(handler), chain)
         consumer = Consumer(self._open, topic, group, call, settings, dead_letters=dead_letters)
         self._consumers.append(consumer)

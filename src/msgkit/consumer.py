@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from msgkit.errors import ClosedError, DecodeError, MsgkitError, Reject, RetryLater
 from msgkit.handler import BoundHandler
-from msgkit.message import ACK, DeadLetter, Delivery, Outcome, Retry, dead_letter
+from msgkit.message import ACK, DeadLetter, Delivery, Outcome, Retry, dead_letter, log_fields
 from msgkit.middleware.retry import RetryPolicy
 from msgkit.transports.base import Subscription, Transport
 
@@ -379,6 +379,7 @@ class Consumer:
                 delivery.topic,
                 delivery.group,
                 exc,
+                extra=log_fields(delivery),
             )
             return dead_letter(delivery, f"undecodable body: {exc}", exc)
         if isinstance(exc, Reject):
@@ -392,6 +393,7 @@ class Consumer:
             delivery.group,
             delivery.attempt,
             exc_info=exc,
+            extra=log_fields(delivery),
         )
         return Retry(0.0, f"{type(exc).__name__}: {exc}")
 

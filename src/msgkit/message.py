@@ -154,6 +154,17 @@ class Delivery:
         )
 
 
+def log_fields(delivery: Delivery) -> dict[str, object]:
+    """``extra=`` for a log record about ``delivery``: its ``msgkit_message_id``, ``msgkit_topic``,
+    ``msgkit_group`` and ``msgkit_attempt``, for log pipelines to filter and join on."""
+    return {
+        "msgkit_message_id": delivery.message.id,
+        "msgkit_topic": delivery.topic,
+        "msgkit_group": delivery.group,
+        "msgkit_attempt": delivery.attempt,
+    }
+
+
 class Ack:
     """The handler finished: remove the message for this group."""
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TypeAlias
 
 from msgkit.codec import encode_body
 from msgkit.errors import MessageTooLargeError
 from msgkit.message import Message, new_message_id
 from msgkit.names import check_name
 from msgkit.transports.base import Transport
+
+#: Stores messages on a topic: ``Transport.publish``, or that wrapped by send middleware.
+Publish: TypeAlias = Callable[[str, Sequence[Message]], Awaitable[None]]
+#: ``async def mw(topic, messages, publish) -> None``: wraps every publish of a producer. It may
+#: pass on other Message objects (same ids), e.g. with trace context added to their headers.
+SendMiddleware: TypeAlias = Callable[[str, Sequence[Message], Publish], Awaitable[None]]
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
@@ -20,12 +27,35 @@ def _check_headers(headers: Mapping[str, str]) -> None:
             )
 
 
+def _bind(middleware: SendMiddleware, publish: Publish) -> Publish:
+    def call(topic: str, messages: Sequence[Message]) -> Awaitable[None]:
+        return middleware(topic, messages, publish)
+
+    return call
+
+
 class Producer:
     """Sends to a transport. Use it through :meth:`msgkit.Broker.send` and ``send_batch``."""
 
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
         self._max_size = transport.capabilities.max_message_size
+        self._middleware: list[SendMiddleware] = []
+        self._publish: Publish | None = None  # the middleware chain, if any
+
+    def add_middleware(self, middleware: SendMiddleware) -> None:
+        """Wrap every later publish in ``middleware``; the first added runs outermost.
+
+        Without send middleware a send calls the transport directly: unused, this costs nothing.
+        """
+        self._middleware.append(middleware)
+        publish: Publish = self._publish_now
+        for mw in reversed(self._middleware):
+            publish = _bind(mw, publish)
+        self._publish = publish
+
+    def _publish_now(self, topic: str, messages: Sequence[Message]) -> Awaitable[None]:
+        return self._transport.publish(topic, messages)
 
     def build(
         self,
@@ -56,7 +86,10 @@ class Producer:
 
     async def send(self, topic: str, message: Message) -> str:
         check_name("topic", topic)
-        await self._transport.publish(topic, (message,))
+        if self._publish is None:
+            await self._transport.publish(topic, (message,))
+        else:
+            await self._publish(topic, (message,))
         return message.id
 
     async def send_batch(self, topic: str, items: Iterable[object]) -> list[str]:
@@ -77,5 +110,8 @@ class Producer:
                     self._check_size(message)
                 messages.append(message)
         if messages:
-            await self._transport.publish(topic, messages)
+            if self._publish is None:
+                await self._transport.publish(topic, messages)
+            else:
+                await self._publish(topic, messages)
         return [m.id for m in messages]

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from msgkit.message import ACK, Ack, Delivery, Outcome, Retry
+from msgkit.message import ACK, Ack, Delivery, Outcome, Retry, log_fields
 from msgkit.middleware import CallNext
 from msgkit.stores.base import ClaimStatus, DedupStore, check_seconds
 
@@ -74,62 +74,89 @@ class Idempotency:
         key = f"{delivery.group}/{key}"
         claim = await self.store.claim(key, self.lease)
         if claim.status is ClaimStatus.DONE:
-            logger.debug("message %s: key %s already done; acked as a duplicate", delivery.message.id, key)
+            logger.debug(
+                "message %s of %s/%s: key %s already done; acked as a duplicate",
+                delivery.message.id,
+                delivery.topic,
+                delivery.group,
+                key,
+                extra=log_fields(delivery),
+            )
             return ACK
         if claim.status is ClaimStatus.BUSY:
             delay = min(max(claim.retry_after, _MIN_BUSY_DELAY), self.lease)
             logger.debug(
-                "message %s: key %s is being handled elsewhere; back in %.1fs", delivery.message.id, key, delay
+                "message %s of %s/%s: key %s is being handled elsewhere; back in %.1fs",
+                delivery.message.id,
+                delivery.topic,
+                delivery.group,
+                key,
+                delay,
+                extra=log_fields(delivery),
             )
             return Retry(delay, f"idempotency key {key} is being handled by another consumer")
-        renewal = _Renewal(self.store, key, claim.token, self.lease)
+        renewal = _Renewal(self.store, key, claim.token, self.lease, delivery)
         try:
             outcome = await call_next(delivery)
         except BaseException:
             await renewal.stop()
-            await self._release(key, claim.token)
+            await self._release(delivery, key, claim.token)
             raise
         await renewal.stop()
         if outcome is None or isinstance(outcome, Ack):
             await self._mark_done(delivery, key, claim.token)
         else:
-            await self._release(key, claim.token)
+            await self._release(delivery, key, claim.token)
         return outcome
 
     async def _mark_done(self, delivery: Delivery, key: str, token: str) -> None:
         try:
             if not await self.store.mark_done(key, token, self.keep_for):
                 logger.warning(
-                    "message %s: the claim on key %s was lost while the handler ran (it outlived its lease); "
-                    "another consumer may run it too",
+                    "message %s of %s/%s: the claim on key %s was lost while the handler ran (it outlived its "
+                    "lease); another consumer may run it too",
                     delivery.message.id,
+                    delivery.topic,
+                    delivery.group,
                     key,
+                    extra=log_fields(delivery),
                 )
         except Exception as exc:  # the work is done: ack it; only later duplicates may run again
             logger.error(
-                "message %s: handled, but marking key %s done failed (%s: %s); a duplicate may run again",
+                "message %s of %s/%s: handled, but marking key %s done failed (%s: %s); a duplicate may run again",
                 delivery.message.id,
+                delivery.topic,
+                delivery.group,
                 key,
                 type(exc).__name__,
                 exc,
+                extra=log_fields(delivery),
             )
 
-    async def _release(self, key: str, token: str) -> None:
+    async def _release(self, delivery: Delivery, key: str, token: str) -> None:
         try:
             await self.store.release(key, token)
         except Exception as exc:  # the lease runs out on its own
             logger.warning(
-                "releasing key %s failed (%s: %s); it frees when its lease ends", key, type(exc).__name__, exc
+                "message %s of %s/%s: releasing key %s failed (%s: %s); it frees when its lease ends",
+                delivery.message.id,
+                delivery.topic,
+                delivery.group,
+                key,
+                type(exc).__name__,
+                exc,
+                extra=log_fields(delivery),
             )
 
 
 class _Renewal:
     """Extends a claim every third of its lease while the handler runs; costs one timer if it never fires."""
 
-    __slots__ = ("_store", "_key", "_token", "_lease", "_loop", "_timer", "_task", "_stopped")
+    __slots__ = ("_store", "_key", "_token", "_lease", "_delivery", "_loop", "_timer", "_task", "_stopped")
 
-    def __init__(self, store: DedupStore, key: str, token: str, lease: float) -> None:
+    def __init__(self, store: DedupStore, key: str, token: str, lease: float, delivery: Delivery) -> None:
         self._store, self._key, self._token, self._lease = store, key, token, lease
+        self._delivery = delivery
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(lease / 3, self._fire)
         self._task: asyncio.Task[None] | None = None
@@ -144,10 +171,28 @@ class _Renewal:
         try:
             kept = await self._store.extend(self._key, self._token, self._lease)
         except Exception as exc:
-            logger.warning("renewing the claim on key %s failed (%s: %s)", self._key, type(exc).__name__, exc)
+            d = self._delivery
+            logger.warning(
+                "message %s of %s/%s: renewing the claim on key %s failed (%s: %s)",
+                d.message.id,
+                d.topic,
+                d.group,
+                self._key,
+                type(exc).__name__,
+                exc,
+                extra=log_fields(d),
+            )
             kept = True  # try again next time; the lease still has two thirds left
         if not kept:
-            logger.warning("the claim on key %s was taken over while its handler still runs", self._key)
+            d = self._delivery
+            logger.warning(
+                "message %s of %s/%s: the claim on key %s was taken over while its handler still runs",
+                d.message.id,
+                d.topic,
+                d.group,
+                self._key,
+                extra=log_fields(d),
+            )
         elif not self._stopped:
             self._timer = self._loop.call_later(self._lease / 3, self._fire)
 

@@ -16,7 +16,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from msgkit.errors import DecodeError, Reject, RetryLater
-from msgkit.message import FIRST_FAILED_AT, Delivery, Outcome, Retry, dead_letter
+from msgkit.message import FIRST_FAILED_AT, Delivery, Outcome, Retry, dead_letter, log_fields
 from msgkit.middleware import CallNext, Middleware
 
 logger = logging.getLogger("msgkit.retry")
@@ -140,4 +140,5 @@ def _log(level: int, what: str, delivery: Delivery, text: str, exc: BaseExceptio
         what,
         text,
         exc_info=exc,
+        extra=log_fields(delivery),
     )

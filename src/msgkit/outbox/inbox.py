@@ -25,7 +25,7 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from msgkit.consumer import StateError
-from msgkit.message import ACK, Ack, Delivery, Outcome
+from msgkit.message import ACK, Ack, Delivery, Outcome, log_fields
 from msgkit.middleware import CallNext
 from msgkit.outbox.db import dialect_name, engine_of, insert_for
 from msgkit.outbox.schema import inbox_table
@@ -106,7 +106,14 @@ class Inbox:
                 row = {"group_name": delivery.group, "message_id": message_key, "processed_at": time.time()}
                 stmt = self._insert(_t).values(**row).on_conflict_do_nothing().returning(_t.c.message_id)
                 if (await session.execute(stmt)).first() is None:
-                    logger.debug("message %s already processed by group %s; acked", message_key, delivery.group)
+                    logger.debug(
+                        "message %s of %s/%s already processed (inbox key %s); acked",
+                        delivery.message.id,
+                        delivery.topic,
+                        delivery.group,
+                        message_key,
+                        extra=log_fields(delivery),
+                    )
                     return ACK
                 transaction = session.get_transaction()
                 token = self._current.set(session)
@@ -116,9 +123,12 @@ class Inbox:
                     self._current.reset(token)
                 if session.get_transaction() is not transaction:
                     logger.warning(
-                        "the handler of message %s committed or rolled back the inbox's transaction itself; "
-                        "its effects and the inbox row may not have committed together",
+                        "the handler of message %s of %s/%s committed or rolled back the inbox's transaction "
+                        "itself; its effects and the inbox row may not have committed together",
                         delivery.message.id,
+                        delivery.topic,
+                        delivery.group,
+                        extra=log_fields(delivery),
                     )
                 if outcome is not None and not isinstance(outcome, Ack):
                     raise _RollBack(outcome)

@@ -88,7 +88,12 @@ class Outbox:
         # committed: the relay publishes the message; rolled back: it never existed
 
     Headers given here (a W3C ``traceparent``, for instance) are published unchanged.
+    ``on_add(topic, message_id, headers)`` is called for each message before its row is written
+    and may add headers to the dict it gets (``Telemetry.on_outbox_add`` adds trace context).
     """
+
+    def __init__(self, *, on_add: Callable[[str, str, dict[str, str]], None] | None = None) -> None:
+        self._on_add = on_add
 
     async def add(
         self,
@@ -107,6 +112,8 @@ class Outbox:
         kept when published, so consumers can deduplicate on it.
         """
         row = self._row(topic, body, key, headers, message_id)
+        if self._on_add is not None:
+            self._on_add(topic, row["message_id"], row["headers"])
         await session.execute(outbox_table.insert().values(**row))
         if isinstance(session, AsyncSession):
             _arm(session)
