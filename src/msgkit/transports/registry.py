@@ -27,6 +27,7 @@ _BUILTIN: dict[str, tuple[str, str, str | None, str | None]] = {
     "rediss": ("msgkit.transports.redis", "RedisTransport", "redis", "redis"),
     "amqp": ("msgkit.transports.rabbitmq", "RabbitMQTransport", "rabbitmq", "aio_pika"),
     "amqps": ("msgkit.transports.rabbitmq", "RabbitMQTransport", "rabbitmq", "aio_pika"),
+    "sqs": ("msgkit.transports.sqs", "SQSTransport", "sqs", "aiobotocore"),
     "kafka": ("msgkit.transports.kafka", "KafkaTransport", "kafka", "aiokafka"),
 }
 
