@@ -38,6 +38,9 @@ class Capabilities:
         consumer_loss_redelivery: seconds until the unsettled deliveries of a consumer that
             vanished without closing reach another consumer (0: at once).
         persistent: messages survive a broker restart.
+        exclusive_keys: while a message of a key is in flight, the broker hands out no other
+            message of that key (SQS FIFO message groups): released messages of a busy key wait
+            until it is settled.
     """
 
     fan_out: bool
@@ -48,6 +51,7 @@ class Capabilities:
     max_message_size: int
     consumer_loss_redelivery: float
     persistent: bool
+    exclusive_keys: bool = False
 
 
 class Subscription(ABC):

@@ -207,6 +207,7 @@ class SQSTransport(Transport):
             max_message_size=guaranteed_size(s.max_message_size),
             consumer_loss_redelivery=s.visibility_timeout + 1.0,
             persistent=True,
+            exclusive_keys=s.fifo,  # one message group in flight at a time
         )
 
     @classmethod

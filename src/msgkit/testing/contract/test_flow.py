@@ -111,12 +111,21 @@ async def test_a_graceful_stop_finishes_running_work_and_releases_the_rest(msgki
         await run.start(topic, group, second)
         stopping = asyncio.create_task(first.stop())
         stop_began = time.monotonic()
+        exclusive = run.capabilities.exclusive_keys
         try:
             running = began[0]
             rest = set(ids) - {running}
+            if exclusive:
+                # the broker hands out the key's other messages only once the running one is
+                # settled: let it finish, then the rest must follow promptly
+                await asyncio.sleep(0.2)
+                assert not stopping.done(), "stop() returned while a handler was still running"
+                gate.set()
+                await stopping
+                stop_began = time.monotonic()
             await second.wait_for(rest)
             released_after = max(second.times) - stop_began
-            assert not stopping.done(), "stop() returned while a handler was still running"
+            assert exclusive or not stopping.done(), "stop() returned while a handler was still running"
         finally:
             gate.set()
         await stopping
