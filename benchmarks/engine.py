@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -59,14 +60,23 @@ async def baseline(n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-async def msgkit_run(n: int, max_in_flight: int) -> tuple[float, float, float]:
-    """(publish/s, drain/s, end-to-end/s) for one backlog through memory://."""
+async def msgkit_run(
+    n: int,
+    max_in_flight: int,
+    *,
+    setup: Callable[[msgkit.Broker], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float, float]:
+    """(publish/s, drain/s, end-to-end/s) for one backlog through memory://, timed by ``clock``;
+    ``setup`` prepares the broker first (e.g. instruments it)."""
     async with msgkit.Broker(f"memory://bench-{uuid.uuid4().hex[:8]}") as broker:
+        if setup is not None:
+            setup(broker)
         await broker.declare("orders", "bench")
-        started = time.perf_counter()
+        started = clock()
         for offset in range(0, n, 1000):
             await broker.send_batch("orders", [BODY] * min(1000, n - offset))
-        published = time.perf_counter()
+        published = clock()
         done = asyncio.Event()
         handled = 0
 
@@ -77,11 +87,11 @@ async def msgkit_run(n: int, max_in_flight: int) -> tuple[float, float, float]:
                 done.set()
 
         consumer = broker.consumer("orders", "bench", handle, max_in_flight=max_in_flight)
-        drain_started = time.perf_counter()
+        drain_started = clock()
         await consumer.start()
         await done.wait()
         await consumer.stop()
-        finished = time.perf_counter()
+        finished = clock()
     return n / (published - started), n / (finished - drain_started), n / (finished - started)
 
 

@@ -19,42 +19,23 @@ import json
 import platform
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import msgkit
-from benchmarks.engine import BODY, Order
+from benchmarks.engine import BODY, msgkit_run
 
 
 async def run(n: int, max_in_flight: int, mode: str, providers: dict[str, Any]) -> tuple[float, float, float]:
     """(publish/s, drain/s, end-to-end/s) of CPU time for one backlog through memory:// in ``mode``."""
-    async with msgkit.Broker(f"memory://bench-{uuid.uuid4().hex[:8]}") as broker:
+
+    def setup(broker: msgkit.Broker) -> None:
         if mode != "off":
             from msgkit.telemetry import instrument
 
             instrument(broker, **providers if mode == "sdk" else {})
-        await broker.declare("orders", "bench")
-        started = time.process_time()
-        for offset in range(0, n, 1000):
-            await broker.send_batch("orders", [BODY] * min(1000, n - offset))
-        published = time.process_time()
-        done = asyncio.Event()
-        handled = 0
 
-        async def handle(order: Order) -> None:
-            nonlocal handled
-            handled += 1
-            if handled == n:
-                done.set()
-
-        consumer = broker.consumer("orders", "bench", handle, max_in_flight=max_in_flight)
-        drain_started = time.process_time()
-        await consumer.start()
-        await done.wait()
-        await consumer.stop()
-        finished = time.process_time()
-    return n / (published - started), n / (finished - drain_started), n / (finished - started)
+    return await msgkit_run(n, max_in_flight, setup=setup, clock=time.process_time)
 
 
 def sdk_providers() -> dict[str, Any]:

@@ -45,6 +45,7 @@ from msgkit.errors import (
 from msgkit.message import Message
 from msgkit.names import check_name
 from msgkit.transports import redis_streams as rs
+from msgkit.transports._outage import OutageClock
 from msgkit.transports.base import Capabilities, Transport
 from msgkit.transports.redis_streams import (
     DENIED_ERRORS,
@@ -174,7 +175,7 @@ class RedisTransport(Transport):
         self._subscriptions: set[RedisSubscription] = set()
         self._closing = False
         self._closed = False
-        self._down_since: float | None = None
+        self._outage = OutageClock(f"redis at {self._url}", self.settings.reconnect_timeout, logger)
         self._capabilities = self._make_capabilities(persistent=False)
 
     @classmethod
@@ -283,25 +284,14 @@ class RedisTransport(Transport):
         return MsgkitError(f"redis at {self._url}: {what} failed: {text}")
 
     def _note_outage(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            logger.warning(
-                "redis at %s unavailable (%s: %s); retrying for up to %.0fs",
-                self._url,
-                what,
-                exc,
-                self.settings.reconnect_timeout,
-            )
-        elif now - self._down_since > self.settings.reconnect_timeout:
-            raise BrokerUnavailableError(
-                f"redis at {self._url} unavailable for {now - self._down_since:.0f}s ({what}): {exc}"
-            ) from exc
+        self._outage.failed(what, exc)
 
     def _note_recovered(self) -> None:
-        if self._down_since is not None:
-            logger.info("redis at %s is reachable again after %.1fs", self._url, time.monotonic() - self._down_since)
-            self._down_since = None
+        self._outage.recovered()
+
+    @property
+    def _down_since(self) -> float | None:
+        return self._outage.down_since
 
     async def _retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op``, retrying connection failures with backoff until ``reconnect_timeout``."""

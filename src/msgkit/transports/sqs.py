@@ -48,6 +48,7 @@ from msgkit.errors import (
     PublishError,
 )
 from msgkit.message import Message
+from msgkit.transports._outage import OutageClock
 from msgkit.transports.base import Capabilities, Transport
 from msgkit.transports.sqs_subscription import (
     DEAD_LETTER_GROUP,
@@ -194,7 +195,7 @@ class SQSTransport(Transport):
         self._subscriptions: set[SQSSubscription] = set()
         self._pollers: set[asyncio.Task[None]] = set()  # receive loops, also of closed subscriptions
         self._chores: set[asyncio.Task[None]] = set()  # visibility changes running in the background
-        self._down_since: float | None = None
+        self._outage = OutageClock(f"SQS at {self._url}", self.settings.reconnect_timeout, logger)
         self.memory = ReceiveMemory()  # receives given back unhandled, dead letters read
         self._closing = False
         self._closed = False
@@ -328,20 +329,7 @@ class SQSTransport(Transport):
         return MsgkitError(f"SQS at {self._url}: {what} failed: {code}: {text}")
 
     def _note_outage(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            logger.warning(
-                "SQS at %s unavailable (%s: %s); retrying for up to %.0fs",
-                self._url,
-                what,
-                exc,
-                self.settings.reconnect_timeout,
-            )
-        elif now - self._down_since > self.settings.reconnect_timeout:
-            raise BrokerUnavailableError(
-                f"SQS at {self._url} unavailable for {now - self._down_since:.0f}s ({what}): {exc}"
-            ) from exc
+        self._outage.failed(what, exc)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``op``, retrying network failures and throttling with backoff until ``reconnect_timeout``."""
@@ -369,11 +357,7 @@ class SQSTransport(Transport):
                     raise ClosedError(f"transport {self._url} is closed") from exc
                 raise
             else:
-                if self._down_since is not None:
-                    logger.info(
-                        "SQS at %s is reachable again after %.1fs", self._url, time.monotonic() - self._down_since
-                    )
-                    self._down_since = None
+                self._outage.recovered()
                 return result
             if self._closed:
                 raise ClosedError(f"transport {self._url} is closed") from failure
