@@ -127,6 +127,9 @@ async def test_one_trace_from_send_to_handler_with_the_messaging_attributes(
     assert process.attributes["messaging.consumer.group.name"] == group
     assert process.attributes["msgkit.delivery.attempt"] == 1
     assert process.status.status_code is StatusCode.UNSET
+    if system == "kafka":  # the one transport with partitions and offsets
+        assert process.attributes["messaging.destination.partition.id"] in ("0", "1", "2")
+        assert isinstance(process.attributes["messaging.kafka.offset"], int)
 
 
 @pytest.mark.asyncio

@@ -64,7 +64,10 @@ class _Partition:
 
 
 class _Entry:
-    """A fetched record until it is finished; the receipt of its deliveries."""
+    """A fetched record until it is finished; the receipt of its deliveries.
+
+    ``partition`` and ``offset`` (ints) are documented for telemetry, which records them on spans.
+    """
 
     __slots__ = ("part", "offset", "message", "attempt", "state")
 
@@ -74,6 +77,11 @@ class _Entry:
         self.message = message
         self.attempt = attempt
         self.state = _READY
+
+    @property
+    def partition(self) -> int:
+        partition: int = self.part.tp.partition
+        return partition
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
