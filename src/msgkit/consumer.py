@@ -156,6 +156,12 @@ class Consumer:
         return self._in_flight
 
     @property
+    def lag(self) -> int | None:
+        """Messages of the group not yet fetched, where the transport knows it (else None)."""
+        sub = self._sub
+        return sub.lag() if sub is not None and self._state == "running" else None
+
+    @property
     def running(self) -> bool:
         return self._state == "running"
 

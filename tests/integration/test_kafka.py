@@ -669,3 +669,25 @@ def test_capabilities_are_declared_from_the_settings() -> None:
     assert caps.native_delay is False
     assert caps.max_message_size == 500_000
     assert caps.consumer_loss_redelivery == 6 + 1 + 2
+
+
+@pytest.mark.asyncio
+async def test_lag_comes_from_the_fetch_responses_high_watermarks(transport: KafkaTransport, topics: Topics) -> None:
+    topic, group = topics.new()
+    await transport.declare(topic, group)
+    await transport.publish(topic, [Message(b"m%d" % i) for i in range(300)])
+    subscription = await transport.subscribe(topic, group, prefetch=10)
+    try:
+        assert subscription.lag() is None  # nothing fetched: unknown, not zero
+        first = await _fetch(subscription, 10)
+        lag = subscription.lag()
+        # fetched records include what the subscription buffered beyond the 10 handed out
+        assert lag is not None
+        assert 0 < lag <= 290
+        await subscription.settle([(d, msgkit.ACK) for d in first])
+        rest = await _fetch(subscription, 290)
+        await subscription.settle([(d, msgkit.ACK) for d in rest])
+        assert len(first) + len(rest) == 300
+        assert subscription.lag() == 0
+    finally:
+        await subscription.close()

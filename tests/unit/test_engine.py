@@ -479,3 +479,21 @@ async def test_fetch_errors_are_retried_with_backoff_and_surfaced(broker: msgkit
         MemorySubscription.fetch = original  # type: ignore[method-assign]
     assert isinstance(errors[0], msgkit.BrokerUnavailableError)
     assert failures == 0
+
+
+async def test_consumer_lag_counts_what_the_group_has_not_fetched(broker: msgkit.Broker) -> None:
+    await broker.declare("t", "g")
+    await broker.send_batch("t", [b"m"] * 100)
+    gate = asyncio.Event()
+
+    async def slow(body: bytes) -> None:
+        await gate.wait()
+
+    consumer = broker.consumer("t", "g", slow, max_in_flight=10)
+    assert consumer.lag is None  # not running
+    await consumer.start()
+    await eventually(lambda: consumer.in_flight == 10)
+    assert consumer.lag == 90
+    gate.set()
+    await eventually(lambda: consumer.lag == 0)
+    await consumer.stop()

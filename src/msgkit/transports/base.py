@@ -84,6 +84,11 @@ class Subscription(ABC):
     async def close(self) -> None:
         """Detach. Deliveries still unsettled are treated as after a lost consumer. Idempotent."""
 
+    def lag(self) -> int | None:
+        """Messages of the group not yet fetched by this consumer, where the transport knows it
+        without a round trip (cheap: read by metrics); None where it does not."""
+        return None
+
 
 class Transport(ABC):
     """A connection to one broker, chosen by URL scheme (see :mod:`msgkit.transports.registry`)."""

@@ -644,6 +644,20 @@ class KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ closing
 
+    def lag(self) -> int | None:
+        """Records of the topic's assigned partitions past what this member fetched, from the
+        high watermarks of the last fetch responses (no round trip); None before the first."""
+        total, known = 0, False
+        consumer = self._consumer
+        for tp, part in self._parts.items():
+            if tp.topic != self._topic or part.offsets.high is None:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                total += max(highwater - part.offsets.high, 0)
+                known = True
+        return total if known else None
+
     async def close(self) -> None:
         """Commit what is finished and leave the group; unsettled records go to the next owner."""
         if self._closed:

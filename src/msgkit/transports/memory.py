@@ -284,6 +284,11 @@ class MemorySubscription(Subscription):
         if released:
             group.wake(released)
 
+    def lag(self) -> int:
+        """Messages of the group not delivered yet: unread, ready again, or delayed."""
+        group = self._group
+        return group.topic.end - group.cursor + len(group.ready) + len(group.delayed)
+
     async def close(self) -> None:
         """Detach; deliveries still leased come back after the visibility timeout."""
         if self._closed:
