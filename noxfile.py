@@ -35,6 +35,14 @@ def quickstart(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every example and check its output (scripts/run_examples.py): memory:// always, each
+    broker whose MSGKIT_*_URL is set; MSGKIT_REQUIRE_BROKERS=1 fails on a missing one. Pass -k NAME."""
+    session.install("-e", ".[examples]")
+    session.run("python", "scripts/run_examples.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Engine throughput on memory:// (benchmarks/engine.py); pass options after --."""
     session.install("-e", ".")
