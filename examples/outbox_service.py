@@ -73,6 +73,7 @@ async def serve(sessions: async_sessionmaker[AsyncSession]) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
+            reply: dict[str, int | str]
             try:
                 reply = {"order_id": await place_order(sessions, PlaceOrder.model_validate_json(line))}
             except (ValidationError, ValueError) as exc:

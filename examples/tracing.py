@@ -6,14 +6,16 @@
 Prints each span as it ends (one line each: the trace, the span, its parent) and the message
 counters at the end. With OTEL_EXPORTER_OTLP_ENDPOINT set (e.g. http://localhost:4318) spans and
 metrics go to that OpenTelemetry collector over OTLP/HTTP instead
-(``pip install opentelemetry-exporter-otlp-proto-http``). Runs on memory:// unless MSGKIT_URL
-says otherwise.
+(``pip install opentelemetry-exporter-otlp-proto-http``, or ``msgkit[examples]``). Runs on
+memory:// unless MSGKIT_URL says otherwise; trace context travels in message headers, so the
+consumer's spans join the producer's trace on every broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -75,11 +77,12 @@ def print_counters(reader: MetricReader) -> None:
 async def main() -> None:
     reader = set_up_sdk()
     tracer = trace.get_tracer("example")
+    topic = f"orders-{uuid.uuid4().hex[:6]}"  # a fresh topic: runs never see each other's messages
     async with msgkit.Broker() as broker:
         instrument(broker)  # before building consumers
-        await broker.declare("orders", "billing")
+        await broker.declare(topic, "billing")
         with tracer.start_as_current_span("checkout"):  # e.g. the HTTP request that places orders
-            await broker.send_batch("orders", [Order(id=i, total=9.5 * i) for i in range(1, 4)])
+            await broker.send_batch(topic, [Order(id=i, total=9.5 * i) for i in range(1, 4)])
 
         billed: set[int] = set()
         all_billed = asyncio.Event()
@@ -87,13 +90,13 @@ async def main() -> None:
         async def bill(order: Order, delivery: msgkit.Delivery) -> None:
             if order.id == 2 and delivery.attempt == 1:
                 raise ConnectionError("payment service busy")  # retried: a "retry" event on the span
-            with tracer.start_as_current_span(f"charge order {order.id}"):  # a child of "orders process"
+            with tracer.start_as_current_span(f"charge order {order.id}"):  # a child of "<topic> process"
                 billed.add(order.id)
             if len(billed) == 3:
                 all_billed.set()
 
         retry = msgkit.RetryPolicy(initial_delay=0.1, jitter=0)
-        consumer = broker.consumer("orders", "billing", bill, retry=retry)
+        consumer = broker.consumer(topic, "billing", bill, retry=retry)
         await consumer.start()
         await asyncio.wait_for(all_billed.wait(), timeout=10)
         await consumer.stop()
@@ -104,6 +107,8 @@ async def main() -> None:
     meter_provider = metrics.get_meter_provider()
     if isinstance(meter_provider, MeterProvider):
         meter_provider.shutdown()
+    where = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the console"
+    print(f"traced {len(billed)} orders from checkout to billing on {broker.url}; spans went to {where}")
 
 
 if __name__ == "__main__":
