@@ -43,6 +43,18 @@ def examples(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Check docs/capabilities.md against the code, then build the site with mkdocs --strict.
+
+    Arguments after -- go to the capability check, e.g. to check a contract run's results:
+    nox -s docs -- --results contract.json --allow-unproven sqs:persistent
+    """
+    session.install("-e", ".[docs]")
+    session.run("python", "-m", "msgkit.testing.matrix", "--check", "docs/capabilities.md", *session.posargs)
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Engine throughput on memory:// (benchmarks/engine.py); pass options after --."""
     session.install("-e", ".")

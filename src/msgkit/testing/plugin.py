@@ -8,7 +8,10 @@ It provides:
   ``--msgkit-url`` (repeatable) or, without it, over ``memory://`` plus every ``MSGKIT_<BROKER>_URL``
   in the environment whose scheme has a registered transport; test ids are the URL schemes;
 * ``msgkit_restart_command``: ``--msgkit-restart-command``, or ``$MSGKIT_<BROKER>_RESTART_COMMAND``
-  for a URL that came from ``$MSGKIT_<BROKER>_URL``, or None.
+  for a URL that came from ``$MSGKIT_<BROKER>_URL``, or None;
+* ``--msgkit-results PATH``: what the contract suite proved per URL, as JSON (see
+  :mod:`msgkit.testing.results`), and the ``msgkit_capability`` marker that says which
+  capabilities a contract test proves.
 
 Importing this module has no side effects and imports no broker client.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -29,6 +33,7 @@ from msgkit.testing.fixtures import (
     msgkit_redis_url,
     msgkit_sqs_url,
 )
+from msgkit.testing.results import MARKER, ContractResults
 
 __all__ = [
     "contract_urls",
@@ -62,11 +67,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="CMD",
         help="shell command that restarts the broker; enables the contract suite's restart test",
     )
+    group.addoption(
+        "--msgkit-results",
+        default=os.environ.get("MSGKIT_CONTRACT_RESULTS") or None,
+        dest="msgkit_results",
+        metavar="PATH",
+        help="write what the contract suite proved per broker URL to this JSON file, for "
+        "python -m msgkit.testing.matrix --results PATH (default: $MSGKIT_CONTRACT_RESULTS)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin("timeout"):  # the restart test asks for more time
         config.addinivalue_line("markers", "timeout(seconds): per-test timeout (needs pytest-timeout)")
+    config.addinivalue_line("markers", f"{MARKER}(*names): the Capabilities fields a contract test proves")
+    results: str | None = config.getoption("msgkit_results")
+    if results:
+        config.pluginmanager.register(ContractResults(Path(results).resolve()), "msgkit-contract-results")
 
 
 def memory_contract_url() -> str:

@@ -48,6 +48,7 @@ async def test_the_in_flight_bound_is_reached_and_never_exceeded(msgkit_contract
         assert peak_in_flight <= bound, f"in_flight reached {peak_in_flight} with max_in_flight={bound}"
 
 
+@pytest.mark.msgkit_capability("ordered")
 @pytest.mark.asyncio
 async def test_per_key_order_holds_while_different_keys_run_in_parallel(msgkit_contract_url: str) -> None:
     keys, per_key = [f"key-{k}" for k in range(6)], 30
@@ -85,6 +86,7 @@ async def test_per_key_order_holds_while_different_keys_run_in_parallel(msgkit_c
         assert peak_keys >= 2, "different keys never ran in parallel"
 
 
+@pytest.mark.msgkit_capability("exclusive_keys")
 @pytest.mark.asyncio
 async def test_a_graceful_stop_finishes_running_work_and_releases_the_rest(msgkit_contract_url: str) -> None:
     count = 10

@@ -40,6 +40,7 @@ async def test_competing_consumers_share_a_group_and_each_message_is_handled_onc
         assert not twice, f"{len(twice)} messages were handled more than once in one group"
 
 
+@pytest.mark.msgkit_capability("fan_out")
 @pytest.mark.asyncio
 async def test_every_group_receives_every_message(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:
@@ -81,6 +82,7 @@ async def test_acked_messages_are_not_delivered_again_after_a_restart(msgkit_con
         assert not again, f"{len(again)} acked messages were delivered again to the next consumer"
 
 
+@pytest.mark.msgkit_capability("replay_for_new_group")
 @pytest.mark.asyncio
 async def test_a_new_group_receives_the_topic_history(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:

@@ -58,6 +58,7 @@ async def test_bad_topic_and_group_names_are_refused_clearly(msgkit_contract_url
             run.broker.consumer(good_topic, name, _ignore)
 
 
+@pytest.mark.msgkit_capability("max_message_size")
 @pytest.mark.asyncio
 async def test_a_message_too_large_is_refused_before_it_reaches_the_broker(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:

@@ -9,7 +9,7 @@ import pytest
 
 import msgkit
 from msgkit import Delivery
-from msgkit.testing.contract.helpers import MARGIN, WAIT, Received, contract_run, eventually
+from msgkit.testing.contract.helpers import MARGIN, WAIT, Received, contract_run, eventually, require
 
 #: Delay of the delayed-redelivery test, in seconds; not a whole number, so rounding shows.
 DELAY = 1.25
@@ -37,6 +37,7 @@ async def test_a_failed_message_is_redelivered_with_the_attempt_incremented(msgk
         assert {i: attempts[i] for i in ids} == {i: [1, 2] for i in ids}
 
 
+@pytest.mark.msgkit_capability("consumer_loss_redelivery")
 @pytest.mark.asyncio
 async def test_messages_of_a_lost_consumer_reach_another_consumer(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:
@@ -64,6 +65,7 @@ async def test_messages_of_a_lost_consumer_reach_another_consumer(msgkit_contrac
         assert late <= bound + MARGIN, f"redelivered after {late:.2f}s; consumer_loss_redelivery is {bound}s"
 
 
+@pytest.mark.msgkit_capability("delay_tolerance")
 @pytest.mark.asyncio
 async def test_delayed_redelivery_is_not_early_and_not_late(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:
@@ -97,3 +99,33 @@ async def test_delayed_redelivery_is_not_early_and_not_late(msgkit_contract_url:
             assert waited <= DELAY + tolerance + MARGIN, (
                 f"{way}: redelivered after {waited:.3f}s; delay {DELAY}s, delay_tolerance {tolerance}s"
             )
+
+
+@pytest.mark.msgkit_capability("native_delay")
+@pytest.mark.asyncio
+async def test_a_delayed_redelivery_holds_no_in_flight_slot(msgkit_contract_url: str) -> None:
+    delay = 4.0
+    async with contract_run(msgkit_contract_url) as run:
+        require(run.capabilities.native_delay, "native_delay")
+        topic, group = run.names()
+        await run.broker.declare(topic, group)
+        handled: list[tuple[str, int, float]] = []
+
+        async def handler(body: bytes, delivery: Delivery) -> msgkit.Retry | None:
+            handled.append((body.decode(), delivery.attempt, time.monotonic()))
+            return msgkit.Retry(delay=delay) if body == b"later" and delivery.attempt == 1 else None
+
+        # one slot: while "later" waits for its redelivery, the slot must serve "now"
+        await run.send_all(topic, [b"later"], key="a")
+        await run.start(topic, group, handler, max_in_flight=1)
+        await eventually(lambda: len(handled) >= 1, what="the first message was not delivered")
+        await run.send_all(topic, [b"now"], key="b")
+        await eventually(
+            lambda: sum(attempt == 2 for body, attempt, _ in handled if body == "later") == 1,
+            timeout=delay + run.capabilities.delay_tolerance + MARGIN + WAIT,
+            what=lambda: f"the delayed message did not come back: {handled}",
+        )
+        order = [(body, attempt) for body, attempt, _ in handled]
+        assert order[:3] == [("later", 1), ("now", 1), ("later", 2)], (
+            f"the delay held the consumer's only in-flight slot: handled {order}"
+        )

@@ -28,6 +28,7 @@ async def _restart(command: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.msgkit_capability("persistent")
 @pytest.mark.asyncio
 async def test_broker_restarts_under_load_lose_nothing(
     msgkit_contract_url: str, msgkit_restart_command: str | None

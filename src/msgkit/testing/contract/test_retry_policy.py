@@ -54,6 +54,7 @@ async def test_attempts_hold_across_consumers(msgkit_contract_url: str) -> None:
         assert dead.by_id()[message_id].message.headers.get(DLQ_ATTEMPTS) == "3"
 
 
+@pytest.mark.msgkit_capability("delay_tolerance")
 @pytest.mark.asyncio
 async def test_backoff_delays_are_honoured(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:

@@ -20,6 +20,7 @@ def _large_body(size: int) -> bytes:
     return (bytes(range(256)) * (size // 256 + 1))[:size]
 
 
+@pytest.mark.msgkit_capability("max_message_size")
 @pytest.mark.asyncio
 async def test_roundtrip_keeps_id_key_body_and_headers(msgkit_contract_url: str) -> None:
     async with contract_run(msgkit_contract_url) as run:
