@@ -55,6 +55,11 @@ def redact_url(url: str) -> str:
         query = "&".join(
             f"{quote(name)}={'***' if _is_secret(name) else quote(value, safe=':/,')}" for name, value in pairs
         )
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        # urlunsplit drops the '//' of an empty authority: memory:// and sqlite:///x must keep it
+        text = f"{parts.scheme}://{parts.path}"
+        text += f"?{query}" if query else ""
+        return text + (f"#{parts.fragment}" if parts.fragment else "")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

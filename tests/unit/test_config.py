@@ -147,3 +147,16 @@ def test_options_from_a_settings_object() -> None:
         msgkit.Broker("memory://s", settings=_Secretive())
     with pytest.raises(Exception, match="frozen"):
         transport.settings.history = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("memory://", "memory://"),
+        ("sqlite:///tmp/x.db", "sqlite:///tmp/x.db"),
+        ("sqlite+aiosqlite:///tmp/x.db?token=s3cret", "sqlite+aiosqlite:///tmp/x.db?token=***"),
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+    ],
+)
+def test_redaction_keeps_the_url_shape(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

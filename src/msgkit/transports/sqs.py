@@ -110,7 +110,7 @@ _AWS_HOST = re.compile(r"(?:sqs[.-]([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?|([a-z0-
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")
 _PROBE_QUEUE = "msgkit-connect-probe"
 #: Seconds a queue that vanished may take to come back (a restarting server) before it is re-created.
-_REAPPEAR_GRACE = 10.0
+_REAPPEAR_GRACE = 30.0
 
 
 class SQSSettings(TransportSettings):
@@ -191,6 +191,7 @@ class SQSTransport(Transport):
         self._send_slots = asyncio.Semaphore(reserved)
         self._topics: dict[str, QueueInfo] = {}
         self._groups: dict[tuple[str, str], tuple[QueueInfo, QueueInfo]] = {}
+        self._deleted: set[str] = set()  # queues deleted by delete(): never re-created behind its back
         self._locks: defaultdict[object, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._subscriptions: set[SQSSubscription] = set()
         self._pollers: set[asyncio.Task[None]] = set()  # receive loops, also of closed subscriptions
@@ -422,6 +423,7 @@ class SQSTransport(Transport):
             return url
 
         url = await self._call(f"creating queue {name}", create)
+        self._deleted.discard(name)
         return await self._describe(name, url, dead_letter=dead_letter)
 
     async def _describe(self, name: str, url: str, *, dead_letter: bool) -> QueueInfo:
@@ -466,6 +468,8 @@ class SQSTransport(Transport):
                 else:
                     queue.url = response["QueueUrl"]
                     return
+            if queue.name in self._deleted:
+                raise _QueueGone(f"queue {queue.name} was deleted")
             logger.warning("SQS queue %s does not exist any more; creating it again", queue.name)
             fresh = await self._open_queue(queue.name, fifo=queue.fifo, dead_letter=queue.dead_letter)
             queue.url, queue.arn = fresh.url, fresh.arn
@@ -552,6 +556,62 @@ class SQSTransport(Transport):
             await self._topic_queue(topic)
         else:
             await self._group_queues(topic, group)
+
+    async def delete(self, topic: str, group: str) -> None:
+        """Delete the topic's queue, with its messages, when ``group`` owns it (its ``msgkit-group``
+        tag) or no group does, and the group's dead-letter queue ``<topic>-<group>-<hash>-dlq``.
+
+        A topic queue owned by another group stays. So does one whose tags cannot be read (no
+        permission): then it cannot be told whose it is. A dead-letter queue the user set as the
+        topic queue's RedrivePolicy target is never deleted; msgkit deletes only the one it names.
+        On AWS a deleted queue's name can be used again only after 60 seconds (ElasticMQ at once).
+        """
+        self._check_open()
+        client = self._require_client()
+        fifo = self.settings.fifo
+        name = topic_queue_name(topic, fifo)
+        url = await self._existing_queue_url(name)
+        if url is not None:
+            owner: str | None = None
+            try:
+                tags = await self._call(
+                    f"reading the tags of queue {name}", partial(client.list_queue_tags, QueueUrl=url)
+                )
+                owner = (tags.get("Tags") or {}).get(GROUP_TAG)
+            except _QueueGone:
+                url = None
+            except ConfigurationError as exc:
+                logger.info("cannot read the tags of SQS queue %s (%s): keeping it", name, exc)
+                owner = ""
+            if url is not None and owner in (None, group):
+                await self._delete_queue(name, url)
+                self._topics.pop(topic, None)
+                for key in [key for key in self._groups if key[0] == topic]:
+                    del self._groups[key]
+            elif url is not None:
+                logger.info("SQS queue %s belongs to group %r: kept", name, owner)
+        dead_name = dead_letter_queue_name(topic, group, fifo)
+        dead_url = await self._existing_queue_url(dead_name)
+        if dead_url is not None:
+            await self._delete_queue(dead_name, dead_url)
+        self._groups.pop((topic, group), None)
+
+    async def _existing_queue_url(self, name: str) -> str | None:
+        client = self._require_client()
+        try:
+            response = await self._call(f"finding queue {name}", partial(client.get_queue_url, QueueName=name))
+        except _QueueGone:
+            return None
+        url: str = response["QueueUrl"]
+        return url
+
+    async def _delete_queue(self, name: str, url: str) -> None:
+        client = self._require_client()
+        self._deleted.add(name)
+        try:
+            await self._call(f"deleting queue {name}", partial(client.delete_queue, QueueUrl=url))
+        except _QueueGone:
+            pass
 
     # ------------------------------------------------------------------ publishing
 
