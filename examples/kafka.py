@@ -67,6 +67,7 @@ async def main() -> None:
         await asyncio.wait_for(done.wait(), timeout=60)
         await consumer.stop()  # graceful: running handlers finish, offsets are committed, the group is left
         await dead_letters.stop()
+        await broker.delete(topic, "billing")  # the throwaway topic, its retry and dead-letter topics, the groups
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ async def main() -> int:
         except TimeoutError:
             print(f"timed out: {sum(map(len, ledger.seen.values()))} of {len(events)} events applied")
         await consumer.stop()
+        await broker.delete(topic, "ledger")  # the throwaway topic and group, with whatever is left in them
 
     in_order = [account for account, seqs in sorted(ledger.seen.items()) if seqs == sorted(seqs)]
     for account, seqs in sorted(ledger.seen.items()):

@@ -55,6 +55,7 @@ async def main() -> None:
         await asyncio.wait_for(done.wait(), timeout=30)
         await consumer.stop()
         await dead_letters.stop()
+        await broker.delete(topic, "billing")  # the throwaway stream, its group and dead-letter stream
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ async def main() -> int:
             await billed(service, {3})
         await consumer.stop()
         left = await dead.peek()
+        await broker.delete(topic, GROUP)  # the throwaway topic and group, dead letters included
     print(f"order 3 billed after replay (attempt {service.billed[3]}); {len(left)} dead letter(s) left")
     return 0 if not left else 1
 

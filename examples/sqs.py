@@ -63,6 +63,7 @@ async def main() -> None:
         await asyncio.wait_for(done.wait(), timeout=60)
         await consumer.stop()  # graceful: running handlers finish, their messages are deleted
         await dead_letters.stop()
+        await broker.delete(topic, "billing")  # the throwaway queue and its dead-letter queue
 
 
 if __name__ == "__main__":

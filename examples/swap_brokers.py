@@ -65,6 +65,8 @@ async def main() -> int:
             pass  # reported below
         for consumer in consumers:
             await consumer.stop()
+        for group in groups:
+            await broker.delete(topic, group)  # the throwaway topic goes with its last group
 
     scheme = broker.url.split(":", 1)[0]
     for group in groups:

@@ -100,6 +100,7 @@ async def main() -> None:
         await consumer.start()
         await asyncio.wait_for(all_billed.wait(), timeout=10)
         await consumer.stop()
+        await broker.delete(topic, "billing")  # the throwaway topic and group
     print_counters(reader)
     trace_provider = trace.get_tracer_provider()
     if isinstance(trace_provider, TracerProvider):

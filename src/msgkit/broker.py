@@ -138,6 +138,24 @@ class Broker:
         transport = await self._open()
         await transport.declare(topic, group)
 
+    async def delete(self, topic: str, group: str) -> None:
+        """Delete ``group`` of ``topic`` with all it holds, and ``topic`` once no group of it remains.
+
+        Removes what :meth:`declare` created for the group: its pending and delayed messages,
+        dead letters, offsets and retry queues; then the topic and its messages when the transport
+        sees no other group of it (each transport's ``delete`` docstring says how far it can tell).
+        Deleting what does not exist is not an error. Stop every consumer of the group first, in
+        every process: a running consumer of it on this broker is a :class:`StateError`. A
+        transport that cannot delete raises :class:`msgkit.NotSupportedError`.
+        """
+        check_name("topic", topic)
+        check_name("group", group)
+        running = [c for c in self._consumers if c.topic == topic and c.group == group and c.running]
+        if running:
+            raise StateError(f"stop the {len(running)} running consumer(s) of {topic}/{group} before deleting it")
+        transport = await self._open()
+        await transport.delete(topic, group)
+
     async def send(
         self,
         topic: str,

@@ -29,6 +29,10 @@ class ClosedError(MsgkitError, RuntimeError):
     """The broker, producer or consumer was used after it was closed."""
 
 
+class NotSupportedError(MsgkitError, NotImplementedError):
+    """The transport cannot do what was asked (e.g. a third-party transport without ``delete``)."""
+
+
 class BrokerUnavailableError(MsgkitError, ConnectionError):
     """The broker could not be reached (after the transport's own retries)."""
 

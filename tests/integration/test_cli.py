@@ -132,6 +132,7 @@ def test_check_round_trips_and_prints_the_capabilities(url: str) -> None:
     assert report["ok"] is True
     assert report["capabilities"] == asyncio.run(capabilities(url))
     assert report["round_trip_ms"] > 0
+    assert report["deleted"] is True, err
     assert "guest:guest" not in out
 
 
@@ -147,6 +148,21 @@ def test_bench_reports_counts_that_match(url: str) -> None:
     report = json.loads(out)
     assert report["sent"] == report["received"] == 300
     assert report["latency_ms"]["max"] > 0
+
+
+def test_delete_removes_the_group_and_its_messages(url: str) -> None:
+    topic, group = names()
+    code, _, err = cli("send", url, topic, '{"n": 1}', "--group", group)
+    assert code == 0, err
+    code, out, err = cli("delete", url, topic, group, "--yes", "--json")
+    assert code == 0, err
+    assert json.loads(out)["deleted"]["topic"] == topic
+    assert "guest:guest" not in out
+    code, _, err = cli("send", url, topic, '{"n": 2}', "--group", group)  # a fresh group on a fresh topic
+    assert code == 0, err
+    assert [d.message.body for d in consume_ids(url, topic, group, 1)] == [b'{"n": 2}']
+    code, _, err = cli("delete", url, topic, group, "--yes")
+    assert code == 0, err
 
 
 def _closed_port() -> int:

@@ -31,8 +31,33 @@ from msgkit.transports.kafka_subscription import KafkaSubscription
 WAIT = 60.0
 
 
+#: Names handed out to the running test ("t": topics, others: groups), deleted from the broker after it.
+_CREATED: dict[str, list[str]] = defaultdict(list)
+
+
 def _unique(prefix: str) -> str:
-    return f"kt-{prefix}-{uuid.uuid4().hex[:10]}"
+    name = f"kt-{prefix}-{uuid.uuid4().hex[:10]}"
+    _CREATED["topics" if prefix == "t" else "groups"].append(name)
+    return name
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _delete_what_the_test_made(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Each test's topics, with the retry and dead-letter topics and offsets of its groups, go afterwards."""
+    _CREATED.clear()
+    yield
+    made = tuple(_CREATED["topics"])
+    _CREATED.clear()
+    if not made or "msgkit_kafka_url" not in request.fixturenames:
+        return
+    async with msgkit.Broker(request.getfixturevalue("msgkit_kafka_url")) as broker:
+        admin = broker.transport._admin  # type: ignore[attr-defined]
+        listed = {t for t in await admin.list_topics() if t.startswith(made)}  # with retry topics used as topics
+        group_ids = [g[0] for g in await admin.list_consumer_groups()]
+        for topic in sorted(listed.union(made), key=len, reverse=True):  # retry topics first
+            groups = [gid.partition(":")[2] for gid in group_ids if gid.startswith(f"{topic}:")]
+            for group in groups or ["none"]:  # the topic goes with the last of its groups
+                await broker.delete(topic, group)
 
 
 async def eventually(predicate: Any, timeout: float = WAIT, what: Any = "condition") -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection
 
@@ -48,8 +49,26 @@ def with_options(url: str, **options: object) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
 
 
+#: (topic, group) pairs made by the running test, deleted from the broker after it.
+_CREATED: list[tuple[str, str]] = []
+
+
 def names() -> tuple[str, str]:
-    return f"rt-{uuid.uuid4().hex[:10]}", f"rg-{uuid.uuid4().hex[:8]}"
+    topic, group = f"rt-{uuid.uuid4().hex[:10]}", f"rg-{uuid.uuid4().hex[:8]}"
+    _CREATED.append((topic, group))
+    return topic, group
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _delete_what_the_test_declared(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Streams, groups and dead letters of each test go afterwards (Broker.delete)."""
+    _CREATED.clear()
+    yield
+    created, _CREATED[:] = list(_CREATED), []
+    if created and "msgkit_redis_url" in request.fixturenames:
+        async with msgkit.Broker(request.getfixturevalue("msgkit_redis_url")) as broker:
+            for topic, group in created:
+                await broker.delete(topic, group)
 
 
 @asynccontextmanager

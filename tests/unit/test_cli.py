@@ -293,3 +293,54 @@ def test_dlq_show_prints_the_body(url: str) -> None:
     assert code == 0
     assert "reason" in out
     assert "(binary, 9 bytes, base64) /25vdCBqc29u" in out
+
+
+def _unread(url: str, topic: str, group: str) -> int:
+    """Messages (topic, group) holds on the in-memory broker of ``url`` (declaring the group if gone)."""
+    from msgkit.transports.memory import MemoryTransport
+
+    return MemoryTransport.from_url(url).stats(topic, group).unread
+
+
+def test_delete_asks_first_then_deletes_the_group_with_its_messages(url: str) -> None:
+    async def seed() -> None:
+        async with msgkit.Broker(url) as broker:
+            await broker.declare("orders", "billing")
+            await broker.send_batch("orders", [b"one", b"two"])
+
+    asyncio.run(seed())
+    code, _, err = cli("delete", url, "orders", "billing")  # no terminal, no --yes
+    assert code == 2
+    assert "--yes" in err
+    code, _, err = cli("delete", url, "orders", "billing", stdin=Terminal("n\n"))
+    assert code == 2
+    assert "nothing deleted" in err
+    assert _unread(url, "orders", "billing") == 2
+
+    code, out, _ = cli("delete", url, "orders", "billing", "--yes", "--json")
+    assert code == 0
+    assert json.loads(out)["deleted"] == {"url": url, "topic": "orders", "group": "billing"}
+    assert _unread(url, "orders", "billing") == 0, "the topic's messages survived the deletion"
+    code, out, _ = cli("delete", url, "orders", "billing", stdin=Terminal("y\n"))  # gone already: fine
+    assert code == 0
+    assert "deleted group billing of orders" in out
+    code, _, err = cli("delete", url, "orders", "bad group", "--yes")
+    assert code == 2
+    assert "invalid group name" in err
+
+
+def test_check_and_bench_delete_their_throwaway_topic(url: str) -> None:
+    from msgkit.transports.memory import _Namespace, _namespaces
+
+    topics = _namespaces.setdefault(url.removeprefix("memory://"), _Namespace()).topics  # what the broker holds
+    code, out, _ = cli("check", url, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["deleted"] is True
+    assert report["topic"] not in topics
+    code, out, _ = cli("check", url, "--topic", "smoke", "--json")
+    assert json.loads(out)["deleted"] is False, "check deleted a topic it did not create"
+    assert "smoke" in topics
+    code, out, _ = cli("bench", url, "--count", "50", "--json")
+    assert code == 0
+    assert json.loads(out)["topic"] not in topics

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any, TextIO
 
-from msgkit.cli import bench, check, dlq, outbox, send, tail
+from msgkit.cli import bench, check, delete, dlq, outbox, send, tail
 from msgkit.cli.common import EXIT_BROKER, EXIT_USAGE
 from msgkit.cli.output import Ui
 from msgkit.errors import BrokerUnavailableError, ConfigurationError, MissingDependencyError, MsgkitError
@@ -25,6 +25,7 @@ examples:
   msgkit send redis://localhost:6379/0 orders '{"id": 1}' --group billing
   msgkit tail redis://localhost:6379/0 orders billing --limit 10
   msgkit dlq list redis://localhost:6379/0 orders billing
+  msgkit delete redis://localhost:6379/0 orders billing --yes
 """
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (send, tail, check, bench, dlq, outbox):
+    for module in (send, tail, check, bench, dlq, outbox, delete):
         module.register(commands)
     return parser
 

@@ -22,6 +22,7 @@ from msgkit.cli.common import (
     command_parser,
     connected,
     count,
+    delete_throwaway,
     positive_float,
 )
 from msgkit.cli.output import Ui
@@ -40,7 +41,7 @@ def register(commands: Any) -> None:
             of 100 while one consumer with --max-in-flight slots receives and acknowledges them, then
             report messages per second for sending and for the whole round, and the latency from
             send to handler (p50, p95, p99, max). Exit 3 when not every message arrived within
-            --timeout. The topic and group stay on the broker.
+            --timeout. The topic and group are deleted afterwards.
 
             Numbers from a shared machine are noisy: run it a few times. For a comparison with the
             raw client libraries, use the benchmarks in the msgkit repository.
@@ -118,6 +119,7 @@ async def run(args: argparse.Namespace, ui: Ui) -> int:
                     progress(len(received), args.count)
             total_s = time.perf_counter() - started
         await consumer.stop()
+        await delete_throwaway(broker, name, name, ui)
     ordered = sorted(latencies)
     report: dict[str, Any] = {
         "url": broker.url,

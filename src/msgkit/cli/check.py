@@ -15,6 +15,7 @@ from msgkit.cli.common import (
     add_broker_options,
     command_parser,
     connected,
+    delete_throwaway,
     positive_float,
 )
 from msgkit.cli.output import Ui
@@ -33,9 +34,9 @@ def register(commands: Any) -> None:
             receive and acknowledge it, and report the time each step took and the capabilities of
             the transport (fan-out, ordering, native delay, maximum message size...).
 
-            The topic and group are new ones named msgkit-check-<random> (the broker keeps them:
-            remove them with the broker's own tools if they bother you), or --topic T with a new
-            group. Exit 0 when the round trip worked, 2 for a bad URL, 3 when the broker is
+            The topic and group are new ones named msgkit-check-<random>, deleted afterwards; with
+            --topic T the check uses a new group of T, which stays (remove it with msgkit delete
+            URL T GROUP, GROUP as reported). Exit 0 when the round trip worked, 2 for a bad URL, 3 when the broker is
             unreachable or the message did not come back within --timeout.
             """,
         examples="""
@@ -86,6 +87,7 @@ async def run(args: argparse.Namespace, ui: Ui) -> int:
             report["round_trip_ms"] = _ms(time.perf_counter() - t)
         finally:
             await subscription.close()
+        report["deleted"] = not args.topic and await delete_throwaway(broker, topic, name, ui)
         report["capabilities"] = dataclasses.asdict(broker.capabilities)
     if got is None:
         ui.note(f"msgkit check: sent a message to {topic} but it did not come back within {args.timeout:g}s")
@@ -101,7 +103,7 @@ async def run(args: argparse.Namespace, ui: Ui) -> int:
             "declare": f"{report['declare_ms']} ms",
             "send": f"{report['send_ms']} ms",
             "round trip": f"{report['round_trip_ms']} ms (send, receive, acknowledge)",
-            "topic/group": f"{topic}/{name}",
+            "topic/group": f"{topic}/{name}" + (" (deleted)" if report["deleted"] else " (kept)"),
         }
     )
     ui.table(("CAPABILITY", "VALUE"), [(k, str(v)) for k, v in report["capabilities"].items()])

@@ -12,7 +12,7 @@ from typing import Any
 
 from msgkit.broker import Broker
 from msgkit.cli.output import Ui
-from msgkit.errors import BrokerUnavailableError
+from msgkit.errors import BrokerUnavailableError, MsgkitError
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
@@ -114,3 +114,14 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def delete_throwaway(broker: Broker, topic: str, group: str, ui: Ui) -> bool:
+    """Delete a (topic, group) a command made for itself; a failure is a note, not the command's
+    failure. True if deleted."""
+    try:
+        await broker.delete(topic, group)
+    except MsgkitError as exc:  # NotSupportedError included: a transport that cannot delete
+        ui.note(f"msgkit: could not delete {topic}/{group} ({type(exc).__name__}: {exc}); it stays on the broker")
+        return False
+    return True

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from msgkit.config import TransportSettings
+from msgkit.errors import NotSupportedError
 from msgkit.message import Delivery, Message, Outcome
 
 
@@ -145,3 +146,21 @@ class Transport(ABC):
     @abstractmethod
     async def subscribe_dead_letters(self, topic: str, group: str, *, prefetch: int) -> Subscription:
         """Attach to the dead letters of (topic, group): for listing, replaying and purging."""
+
+    async def delete(self, topic: str, group: str) -> None:
+        """Delete everything ``declare(topic, group)`` created for ``group``, then the topic if unused.
+
+        That is the group's pending messages, delayed redeliveries, dead letters, offsets or
+        consumer-group state and its retry or delay queues; then the topic itself (with the
+        messages kept on it) when no other group of it remains, as far as the transport can tell
+        cheaply and reliably. Where it cannot tell, it keeps the topic and says so in its
+        docstring. After it returns, ``declare(topic, group)`` makes a fresh, empty group.
+
+        Idempotent: deleting a group or topic that does not exist is not an error. Consumers of
+        the group (in any process) must be stopped first; what a still-running consumer does is
+        up to the broker (most cancel it). Returns once the broker has deleted everything.
+
+        The default raises :class:`msgkit.errors.NotSupportedError`, so that transports written
+        before this method existed keep working for everything else.
+        """
+        raise NotSupportedError(f"{type(self).__name__} cannot delete topics or groups")

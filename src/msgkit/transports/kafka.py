@@ -44,6 +44,7 @@ from pydantic import Field, SecretStr
 from msgkit.config import TransportSettings, redact_url, settings_from_url
 from msgkit.errors import BrokerUnavailableError, ClosedError, ConfigurationError, PublishError
 from msgkit.message import Message
+from msgkit.transports import kafka_admin
 from msgkit.transports.base import Capabilities, Transport
 from msgkit.transports.kafka_protocol import DEAD_LETTER_PARTITIONS, to_record, translate
 from msgkit.transports.kafka_subscription import KafkaSubscription
@@ -355,6 +356,35 @@ class KafkaTransport(Transport):
         if group is not None and self.settings.retry == "topics":
             names.append(retry_topic(topic, group))
         await self._ensure_topics(names)  # the dead-letter topic comes with the first dead letter
+
+    async def delete(self, topic: str, group: str) -> None:
+        """Delete the consumer groups of the group and of its dead letters (their offsets), the
+        group's retry and dead-letter topics, then the topic itself unless another group uses it.
+
+        "Uses" means: another msgkit group's retry or dead-letter topic exists, or any other
+        consumer group has committed offsets on the topic (see :mod:`msgkit.transports.kafka_admin`;
+        with too many groups to check cheaply, or when the check fails, the topic is kept). A
+        msgkit group declared with ``retry=inline`` and never consumed leaves no trace on Kafka,
+        so it does not keep the topic. Returns once the deleted topics are no longer listed.
+        With ``auto.create.topics.enable`` on, a client elsewhere that still asks for a deleted
+        topic's metadata creates it again: msgkit creates its topics itself and needs no auto-creation.
+        """
+        self._check_open()
+        await self._ready()
+        own = group_id(topic, group)
+        dead = dead_letter_topic(topic, group)
+        own_topics = [retry_topic(topic, group), dead]
+        wait = self.settings.session_timeout + 5.0  # members of a consumer stopped a moment ago leave
+        await kafka_admin.delete_groups(self._admin, [own, group_id(dead, DEAD_LETTER_GROUP)], wait)
+        reason = await kafka_admin.topic_in_use(self._admin, topic, own, own_topics)
+        doomed = own_topics if reason else [*own_topics, topic]
+        if reason:
+            logger.info("keeping Kafka topic %r after deleting group %r: %s", topic, group, reason)
+        await kafka_admin.delete_topics(self._admin, doomed, wait)
+        self._known_topics.difference_update(doomed)
+        tracked = getattr(getattr(self._producer, "client", None), "_topics", None)
+        if isinstance(tracked, set):  # else the producer's metadata refresh would ask for them again
+            tracked.difference_update(doomed)
 
     async def _ensure_topics(self, names: Iterable[str], partitions: int | None = None) -> None:
         """Create the topics that do not exist yet (with ``partitions``, default the option)."""

@@ -301,6 +301,17 @@ class MemorySubscription(Subscription):
         group.wake(len(group.waiters))
 
 
+def _forget(group: _Group | None) -> None:
+    """Drop what a deleted group holds and wake its waiting fetches (they then find nothing)."""
+    if group is None:
+        return
+    group.ready.clear()
+    group.delayed.clear()
+    group.leases.clear()
+    group.cursor = group.topic.end
+    group.wake(len(group.waiters))
+
+
 def _set_if_pending(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -379,6 +390,21 @@ class MemoryTransport(Transport):
         self._check_open()
         self._namespace.group(topic, group)
         return self._attach(self._namespace.dead_topic(topic, group).groups[DEAD_LETTER_GROUP])
+
+    async def delete(self, topic: str, group: str) -> None:
+        """Forget the group (unread, pending, delayed and dead messages), then the topic and its
+        history when no group of it is left. A later ``declare`` makes a fresh, empty group."""
+        self._check_open()
+        namespace = self._namespace
+        dead = namespace.dead.pop((topic, group), None)
+        if dead is not None:
+            _forget(dead.groups.pop(DEAD_LETTER_GROUP, None))
+        found = namespace.topics.get(topic)
+        if found is None:
+            return
+        _forget(found.groups.pop(group, None))
+        if not found.groups:
+            del namespace.topics[topic]
 
     def _attach(self, group: _Group) -> MemorySubscription:
         subscription = MemorySubscription(self, group, self._namespace.leases)

@@ -215,6 +215,19 @@ class RabbitMQTransport(Transport):
         else:
             await self._publisher.declare_group(group_names(topic, group))
 
+    async def delete(self, topic: str, group: str) -> None:
+        """Delete the group's quorum queue and dead-letter queue (with their messages) and the
+        delay queues this transport declared for it, then the topic's exchange unless another
+        group's queue is still bound to it (``if_unused``: the broker decides, atomically).
+
+        Delay queues declared by other processes cannot be listed over AMQP, so they stay until
+        they expire by themselves (``x-expires``, see ``delay_queue_arguments``). The redeliveries
+        in them can reach the group if it is declared again before then (dead-lettering at least
+        once, RabbitMQ retries a target queue that is missing).
+        """
+        self._check_open()
+        await self._publisher.delete_group(group_names(topic, group))
+
     # ------------------------------------------------------------------ publishing
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:

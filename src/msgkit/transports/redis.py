@@ -340,6 +340,35 @@ class RedisTransport(Transport):
 
         await self._retrying(f"creating stream {stream}", create_stream)
 
+    async def delete(self, topic: str, group: str) -> None:
+        """Destroy the consumer group (its pending entries go with it), delete the group's
+        delayed-redelivery set, rewritten headers and dead-letter stream, then the stream itself
+        if XINFO GROUPS shows no group left, all in one script (atomic on the server).
+
+        Readers without a consumer group (plain XREAD) are invisible to that check: a stream
+        they read is deleted with its last group.
+        """
+        self._require_client()
+        prefix = self.settings.prefix
+        stream = rs.stream_key(prefix, topic)
+        dead = rs.dead_letter_key(prefix, topic, group)
+        keys = (
+            stream,
+            dead,
+            rs.delayed_key(stream, group),
+            rs.headers_key(stream, group),
+            rs.delayed_key(dead, DEAD_LETTER_GROUP),
+            rs.headers_key(dead, DEAD_LETTER_GROUP),
+        )
+
+        async def run() -> None:
+            await command(self._client, "EVAL", _DELETE_GROUP, len(keys), *keys, group)
+
+        try:
+            await self._retrying(f"deleting group {group} of {stream}", run)
+        except rex.ResponseError as exc:
+            raise self._error(exc, f"deleting group {group} of {stream}") from exc
+
     def _trim_args(self, topic: str) -> tuple[Any, ...]:
         rule = self._trim.get(topic) or self._trim.get("*")
         if rule is None:
@@ -427,6 +456,21 @@ class RedisTransport(Transport):
             dead=dead,
             consumers=names,
         )
+
+
+#: KEYS[1] the stream, KEYS[2..] the group's own keys; ARGV[1] the group. Returns 1 if the
+#: stream was deleted too (no group left on it).
+_DELETE_GROUP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+end
+redis.call('DEL', unpack(KEYS, 2))
+if redis.call('EXISTS', KEYS[1]) == 1 and #redis.call('XINFO', 'GROUPS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 class _ReaderPool(ConnectionPool):

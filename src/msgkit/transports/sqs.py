@@ -565,6 +565,7 @@ class SQSTransport(Transport):
         permission): then it cannot be told whose it is. A dead-letter queue the user set as the
         topic queue's RedrivePolicy target is never deleted; msgkit deletes only the one it names.
         On AWS a deleted queue's name can be used again only after 60 seconds (ElasticMQ at once).
+        The queues are those of this transport's ``fifo`` option (``<topic>.fifo`` with it).
         """
         self._check_open()
         client = self._require_client()

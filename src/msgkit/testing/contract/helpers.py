@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 
 import msgkit
 from msgkit import Broker, Capabilities, Consumer, Delivery
+from msgkit.names import check_name
 
 #: Seconds to wait for something that should happen soon (generous: shared CI brokers are slow).
 WAIT = 30.0
@@ -27,6 +29,8 @@ MARGIN = 1.5
 #: Consumer options every contract consumer gets unless a test overrides them: settle quickly and
 #: stop quickly, so that a failing test does not hang in teardown.
 CONSUMER_DEFAULTS: dict[str, Any] = {"settle_interval": 0.01, "stop_timeout": 5.0}
+#: Seconds the deletions at the end of a run may take (a broker a failed test left down must not hang it).
+CLEANUP_TIMEOUT = 60.0
 
 
 def unique(prefix: str = "ct") -> str:
@@ -104,25 +108,62 @@ class Received:
         await eventually(lambda: wanted <= set(self.ids), timeout, missing)
 
 
+class TrackingBroker(Broker):
+    """A Broker that notes what it declares, so that a contract run can delete it afterwards."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        #: (topic, group) pairs declared, in order; group None for a topic declared alone.
+        self.declared: dict[tuple[str, str | None], None] = {}
+
+    async def declare(self, topic: str, group: str | None = None) -> None:
+        try:
+            await super().declare(topic, group)
+        finally:  # noted even if it failed half way: a part may exist
+            if _valid(topic) and (group is None or _valid(group)):
+                self.declared[(topic, group)] = None
+
+
+def _valid(name: str) -> bool:
+    try:
+        check_name("name", name)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class ContractRun:
-    """One test's broker, fresh names, and the consumers it started (stopped at the end)."""
+    """One test's broker, fresh names, and the consumers it started.
+
+    At the end the consumers are stopped and every (topic, group) the run handed out, declared or
+    consumed is deleted (:meth:`msgkit.Broker.delete`), so a contract run leaves nothing behind
+    on the broker; a transport that cannot delete leaves them.
+    """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._consumers: list[Consumer] = []
+        self._used: dict[tuple[str, str | None], None] = {}
 
     @property
     def capabilities(self) -> Capabilities:
         return self.broker.capabilities
 
     def names(self) -> tuple[str, str]:
-        """A fresh (topic, group)."""
-        return unique("ct"), unique("cg")
+        """A fresh (topic, group), deleted when the run ends."""
+        names = unique("ct"), unique("cg")
+        self.track(*names)
+        return names
+
+    def track(self, topic: str, group: str | None = None) -> None:
+        """Delete (topic, group) when the run ends (with no group: the topic, if no group uses it)."""
+        self._used[(topic, group)] = None
 
     def consumer(self, topic: str, group: str, handler: Any, **options: Any) -> Consumer:
         """Build a consumer with :data:`CONSUMER_DEFAULTS` (overridable); stopped when the run ends."""
         consumer = self.broker.consumer(topic, group, handler, **{**CONSUMER_DEFAULTS, **options})
         self._consumers.append(consumer)
+        self.track(topic, group)
         return consumer
 
     async def start(self, topic: str, group: str, handler: Any, **options: Any) -> Consumer:
@@ -136,6 +177,7 @@ class ContractRun:
         received = Received()
         consumer = self.broker.dead_letter_consumer(topic, group, received, **CONSUMER_DEFAULTS)
         self._consumers.append(consumer)
+        self.track(topic, group)
         await consumer.start()
         return received
 
@@ -144,15 +186,51 @@ class ContractRun:
         return [await self.broker.send(topic, body, **options) for body in bodies]
 
     async def close(self) -> None:
-        """Stop this run's consumers (briefly: handlers blocked by a failed test are cancelled), close."""
+        """Stop this run's consumers (briefly: handlers blocked by a failed test are cancelled),
+        delete what the run used, close. A failed deletion is a warning, never an error."""
         await asyncio.gather(*(c.stop(timeout=2.0) for c in self._consumers), return_exceptions=True)
-        await self.broker.close()
+        try:
+            await self._delete_used()
+        finally:
+            await self.broker.close()
+
+    async def _delete_used(self) -> None:
+        used = dict(self._used)
+        if isinstance(self.broker, TrackingBroker):
+            used.update(self.broker.declared)
+        pairs = [(t, g) for t, g in used if g is not None]
+        with_group = {t for t, _ in pairs}
+        pairs += [(t, unique("cg")) for t, g in used if g is None and t not in with_group]  # the topic alone
+        if not pairs:
+            return
+        try:
+            await self.broker.connect()
+        except msgkit.ClosedError:
+            return  # the test closed the broker itself
+        failures: list[str] = []
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                for topic, group in pairs:
+                    try:
+                        await self.broker.delete(topic, group)
+                    except msgkit.NotSupportedError:
+                        return
+                    except Exception as exc:  # cleanup must not hide or replace the test's own outcome
+                        failures.append(f"{topic}/{group}: {type(exc).__name__}: {exc}")
+        except TimeoutError:
+            failures.append(f"not done within {CLEANUP_TIMEOUT:g}s")
+        if failures:
+            warnings.warn(
+                f"the contract run could not delete {len(failures)} of {len(pairs)} groups: {failures[0]}",
+                stacklevel=1,
+            )
 
 
 @asynccontextmanager
 async def contract_run(url: str) -> AsyncIterator[ContractRun]:
-    """Connect a broker for one test; stop its consumers and close it afterwards."""
-    broker = msgkit.Broker(url)
+    """Connect a broker for one test; afterwards stop its consumers, delete what the test
+    declared or consumed (see :class:`ContractRun`) and close the broker."""
+    broker = TrackingBroker(url)
     await broker.connect()
     run = ContractRun(broker)
     try:

@@ -37,6 +37,8 @@ async def test_close_is_idempotent_and_a_closed_broker_refuses_work(msgkit_contr
         await broker.declare(topic, group)
     with pytest.raises(msgkit.ClosedError):
         broker.consumer(topic, group, _ignore)
+    async with contract_run(msgkit_contract_url) as cleanup:
+        cleanup.track(topic, group)  # deleted by another broker, as this one is closed
 
 
 @pytest.mark.asyncio
