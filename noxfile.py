@@ -59,3 +59,10 @@ def bench(session: nox.Session) -> None:
     """Engine throughput on memory:// (benchmarks/engine.py); pass options after --."""
     session.install("-e", ".")
     session.run("python", "-m", "benchmarks.engine", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def benchmarks(session: nox.Session) -> None:
+    """msgkit vs raw clients vs FastStream on every broker with a MSGKIT_*_URL (python -m benchmarks)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

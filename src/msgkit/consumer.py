@@ -2,7 +2,9 @@
 
 How a delivery moves (see docs/architecture.md for why):
 
-1. The fetch loop asks the subscription for at most the number of free in-flight slots.
+1. The fetch loop asks the subscription for at most the number of free in-flight slots; while
+   fetches come back full (a backlog), for at most half of ``max_in_flight``, so one batch's
+   fetch overlaps the previous one's settle instead of waiting for it.
 2. Each delivery's handler chain starts *inline* in its own context. A handler that finishes
    without waiting costs no task at all; one that waits continues in a task of its own. There
    are never more such tasks than in-flight deliveries.
@@ -122,6 +124,8 @@ class Consumer:
         self._call = call
         self._dead_letters = dead_letters
         self._max = settings.max_in_flight
+        self._half = max(1, settings.max_in_flight // 2)
+        self._fetch_max = self._max  # _half while fetches come back full
         self._batch_size = min(settings.settle_batch_size, settings.max_in_flight)
         self._state: Literal["new", "starting", "running", "stopping", "stopped"] = "new"
         self._failure: BaseException | None = None
@@ -186,6 +190,7 @@ class Consumer:
         self._failure = None
         self._in_flight = self._settling = 0
         self._flush_requested = self._flusher_closing = False
+        self._fetch_max = self._max
         self._stopped = asyncio.Event()
         self._fetch_task = self._loop.create_task(self._fetch_loop(), name=f"msgkit-fetch-{self.topic}-{self.group}")
         self._flush_task = self._loop.create_task(self._flush_loop(), name=f"msgkit-settle-{self.topic}-{self.group}")
@@ -277,8 +282,9 @@ class Consumer:
                 self._slot_wakeup = self._loop.create_future()
                 await self._slot_wakeup
                 continue
+            want = min(free, self._fetch_max)
             try:
-                batch = await sub.fetch(free, self.settings.fetch_timeout)
+                batch = await sub.fetch(want, self.settings.fetch_timeout)
             except asyncio.CancelledError:
                 raise
             except ClosedError as exc:
@@ -304,6 +310,9 @@ class Consumer:
                 backoff = min(backoff * 2, _MAX_FETCH_BACKOFF)
                 continue
             backoff = 0.1
+            # a full batch means a backlog: then ask for half the bound at a time, so the next
+            # fetch runs while this batch is settled (fetch and ack round trips overlap)
+            self._fetch_max = self._half if len(batch) >= want else self._max
             if not batch:
                 continue
             if len(batch) > free:
