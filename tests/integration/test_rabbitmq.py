@@ -81,8 +81,9 @@ async def _delete_what_the_test_declared(request: pytest.FixtureRequest) -> Asyn
         return
     async with raw_channel(request.getfixturevalue("msgkit_rabbitmq_url")) as channel:
         for topic, group in created:
-            for suffix in ("", ":dead-letters", ":delay-200ms", ":delay-300ms"):
-                await channel.queue_delete(f"{topic}:{group}{suffix}")
+            names = group_names(topic, group)
+            for queue in (names.queue, names.dead_letters, names.delay_queue(200), names.delay_queue(300)):
+                await channel.queue_delete(queue)
             await channel.exchange_delete(topic)
 
 
@@ -500,7 +501,7 @@ async def test_attempts_count_retries_delays_and_lost_consumers_but_not_releases
         assert third.attempt == 4
         assert 0.3 <= waited < 0.3 + 1.5, f"waited {waited:.3f}s"
         assert dict(third.headers) == dict(second.headers)
-        assert await queue_counts(msgkit_rabbitmq_url, f"{topic}:{group}:delay-300ms") == (0, 0)
+        assert await queue_counts(msgkit_rabbitmq_url, group_names(topic, group).delay_queue(300)) == (0, 0)
 
         await subscription.release([third])
         [fourth] = await fetch_n(subscription, 1)

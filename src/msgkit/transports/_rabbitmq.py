@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -171,9 +172,14 @@ class GroupNames:
     queue: str
     dead_letters: str
 
-    def delay_queue(self, ms: int) -> str:
-        """The queue that holds this group's messages for ``ms`` milliseconds, then hands them back."""
-        return f"{self.queue}:delay-{ms}ms"
+    def delay_queue(self, ms: int, epoch: int | None = None) -> str:
+        """The queue that holds this group's messages for ``ms`` milliseconds, then hands them back.
+
+        Named after the current :data:`DELAY_QUEUE_EPOCH` too (see :func:`delay_queue_arguments`).
+        """
+        if epoch is None:
+            epoch = int(time.time() // DELAY_QUEUE_EPOCH)
+        return f"{self.queue}:delay-{ms}ms-e{epoch}"
 
 
 def group_names(topic: str, group: str) -> GroupNames:
@@ -200,26 +206,45 @@ def delay_tier_ms(seconds: float) -> int:
     return min(max(step, -(-ms // step) * step), MAX_DELAY_MS)
 
 
-#: A delay queue deletes itself when unused for twice its delay plus this margin (milliseconds).
-DELAY_QUEUE_EXPIRY_MARGIN_MS = 60_000
+#: A delay queue takes messages for this many seconds (its epoch, part of its name), then the
+#: next epoch's queue does.
+DELAY_QUEUE_EPOCH = 86_400
+#: A delay queue deletes itself this long after its epoch ended plus twice its delay (milliseconds).
+DELAY_QUEUE_EXPIRY_MARGIN_MS = 600_000
+_DELAY_QUEUE_NAME = re.compile(r":delay-(\d+)ms-e\d+$")
 
 
 def delay_queue_arguments(ms: int, target_queue: str) -> dict[str, Any]:
     """A delay queue: messages expire after ``ms`` and are dead-lettered back to ``target_queue``.
 
-    A classic queue, because it must delete itself when unused (``x-expires``) and a declaration
-    must renew that: RabbitMQ 3.10 does not renew the expiry of a quorum queue on a declaration,
-    so a quorum delay queue in use would vanish with the messages in it. The price: RabbitMQ
-    dead-letters from a classic queue at most once, so a broker crash at the very moment a
-    message moves back to its group's queue can lose it.
+    A quorum queue with at-least-once dead-lettering (which needs ``reject-publish``): RabbitMQ
+    keeps an expired message until the group's queue confirmed it. A classic queue dead-letters
+    at most once, and at a broker restart it expires its messages before the group's quorum
+    queue has a leader, so every delayed redelivery waiting across a restart was dropped (found
+    by the fault-injection suite; tests/integration/test_rabbitmq_regressions.py).
+
+    RabbitMQ 3.10 does not renew a quorum queue's expiry when it is declared again, so ``x-expires``
+    counts from the queue's creation. Each queue therefore takes messages for one epoch only (the
+    epoch is in its name) and expires once its epoch ended and its messages left: at least an
+    epoch plus twice the delay plus a margin (for clock skew and restarts) after its creation.
     """
     return {
-        "x-queue-type": "classic",
+        "x-queue-type": "quorum",
         "x-message-ttl": ms,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": target_queue,
-        "x-expires": 2 * ms + DELAY_QUEUE_EXPIRY_MARGIN_MS,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-expires": DELAY_QUEUE_EPOCH * 1000 + 2 * ms + DELAY_QUEUE_EXPIRY_MARGIN_MS,
     }
+
+
+def delay_of(queue: str) -> int:
+    """The delay (ms) of a delay queue, from its name."""
+    match = _DELAY_QUEUE_NAME.search(queue)
+    if match is None:
+        raise ValueError(f"{queue!r} is not a delay queue")
+    return int(match.group(1))
 
 
 async def declare_exchange(channel: aiormq.abc.AbstractChannel, topic: str) -> None:
@@ -253,6 +278,45 @@ async def declare_group(channel: aiormq.abc.AbstractChannel, names: GroupNames) 
     except Exception as exc:
         raise declare_error(exc, f"the binding of queue {names.queue!r} to exchange {names.exchange!r}") from None
     await declare_queue(channel, names.dead_letters, QUEUE_ARGUMENTS)
+
+
+async def delete_queues(channel: aiormq.abc.AbstractChannel, queues: Sequence[str]) -> None:
+    """Delete ``queues`` with the messages in them (RabbitMQ deletes a missing queue without error)."""
+    for queue in queues:
+        try:
+            await channel.queue_delete(queue=queue)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            raise delete_error(exc, f"queue {queue!r}") from None
+
+
+async def delete_unused_exchange(channel: aiormq.abc.AbstractChannel, topic: str) -> bool:
+    """Delete a topic's exchange unless a queue is still bound to it; True if it is gone.
+
+    ``if_unused`` makes the check and the deletion one step on the broker. A refusal closes the
+    channel (the caller's topology channel reopens on its next use).
+    """
+    try:
+        await channel.exchange_delete(exchange=topic, if_unused=True)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        return False  # other groups are bound to it: the topic stays
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as exc:
+        raise delete_error(exc, f"exchange {topic!r}") from None
+    return True
+
+
+def delete_error(exc: BaseException, what: str) -> MsgkitError:
+    """The msgkit error for a failed deletion of ``what``."""
+    if isinstance(exc, MsgkitError):
+        return exc
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return ConfigurationError(
+            f"RabbitMQ refused to delete {what}: {reply_text(exc)} (check the user's configure permission)"
+        )
+    return BrokerUnavailableError(f"RabbitMQ failed to delete {what}: {reply_text(exc)}")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -618,9 +682,27 @@ class Publisher:
             await self.declare(functools.partial(declare_exchange, topic=topic))
             self._exchanges.add(topic)
 
-    async def ensure_delay_queue(self, names: GroupNames, ms: int) -> str:
-        """The delay queue for ``ms`` of a group, declared if it was not declared lately."""
-        queue = names.delay_queue(ms)
+    async def delete_group(self, names: GroupNames) -> None:
+        """Delete a group's queue, its dead letters and the delay queues declared through this
+        publisher, then the topic's exchange if no other queue is bound to it."""
+        prefix = f"{names.queue}:delay-"
+        delay_queues = [queue for queue in self._delay_queues if queue.startswith(prefix)]
+        queues = [names.queue, names.dead_letters, *delay_queues]
+        await self.declare(functools.partial(delete_queues, queues=queues))
+        for queue in delay_queues:
+            del self._delay_queues[queue]
+
+        async def delete_exchange(channel: aiormq.abc.AbstractChannel) -> None:
+            if not await delete_unused_exchange(channel, names.exchange):
+                logger.debug("exchange %r is still bound to other groups: kept", names.exchange)
+
+        await self.declare(delete_exchange)
+        self._exchanges.discard(names.exchange)  # declared again on next use, gone or not
+
+    async def ensure_delay_queue(self, names: GroupNames, ms: int, queue: str | None = None) -> str:
+        """The delay queue for ``ms`` of a group (this epoch's, or ``queue``), declared if it was
+        not declared lately."""
+        queue = queue or names.delay_queue(ms)
         now = asyncio.get_running_loop().time()
         if now - self._delay_queues.get(queue, -REDECLARE_DELAY_QUEUE) >= REDECLARE_DELAY_QUEUE:
             arguments = delay_queue_arguments(ms, names.queue)
@@ -704,7 +786,7 @@ class Publisher:
             if expired:  # a delay queue expired between our declaration and the publish: declare, resend
                 for queue in {entries[i][0] for i in expired}:
                     self._delay_queues.pop(queue, None)
-                    await self.ensure_delay_queue(names, int(queue.rpartition("-")[2].removesuffix("ms")))
+                    await self.ensure_delay_queue(names, delay_of(queue), queue)
                 again = await self.send("", [entries[i] for i in expired], timeout)
                 failed = {i: why for i, why in failed.items() if i not in expired}
                 failed.update((expired[n], why) for n, why in again.items())
