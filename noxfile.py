@@ -22,8 +22,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy --strict."""
     session.install("-e", ".[dev]")
-    session.run("ruff", "check", "src", "tests", "examples", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "examples", "benchmarks", "chaos", "scripts", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "examples", "benchmarks", "chaos", "scripts", "noxfile.py")
     session.run("mypy", "src")
 
 
@@ -66,3 +66,11 @@ def benchmarks(session: nox.Session) -> None:
     """msgkit vs raw clients vs FastStream on every broker with a MSGKIT_*_URL (python -m benchmarks)."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def chaos(session: nox.Session) -> None:
+    """The fault-injection suite (chaos/, docs/fault-injection.md): kills consumers and RESTARTS
+    the brokers named by MSGKIT_<BROKER>_RESTART_COMMAND. `nox -s chaos -- --short` is CI's version."""
+    session.install("-e", ".[all]")
+    session.run("python", "-m", "chaos", *session.posargs)
